@@ -1,0 +1,395 @@
+"""One typed config tree, loaded from YAML with dotted `key=value` overrides.
+
+`load_config(spec, overrides)` resolves a YAML path or a named config in
+`calm_train/configs/` (a YAML may name a `base:` config it extends), applies the
+overrides and validates the result before anything else starts.  Every error is a
+`ConfigError` naming the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+MODEL_KINDS = ("autoencoder", "calm", "ar")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+    def __init__(self, key: str, problem: str, fix: str):
+        self.key = key
+        super().__init__(f"config key '{key}': {problem}. Fix: {fix}")
+
+
+@dataclass
+class AutoencoderArch:
+    """The CALM paper's autoencoder (reference defaults: 512 / 1280 / 2+2 layers / latent 128)."""
+    hidden_size: int = 512
+    intermediate_size: int = 1280
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    latent_size: int = 128
+    ae_dropout: float = 0.15      # dropout on the latent vector
+    mask_prob: float = 0.15       # input tokens masked during training
+    kl_clamp: float = 0.5         # per-dimension KL clamped from below
+    kl_weight: float = 1e-3
+    norm_eps: float = 1e-6
+
+
+@dataclass
+class BackboneArch:
+    """Llama-style Transformer backbone (RMSNorm, SwiGLU, RoPE) shared by CALM and AR."""
+    hidden_size: int = 1024
+    intermediate_size: int = 2752
+    num_layers: int = 16
+    num_heads: int = 16
+    num_kv_heads: int | None = None   # None: multi-head attention (= num_heads)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+
+@dataclass
+class EnergyHeadArch:
+    """The energy-based generative head and its loss."""
+    num_blocks: int = 4               # residual MLP blocks (reference: num_mlp_layers)
+    noise_size: int = 64
+    num_samples: int = 8              # N model samples per position
+    num_target_samples: int = 100     # M samples of the frozen autoencoder's posterior
+    beta: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "calm"                # autoencoder | calm | ar
+    vocab_size: int | None = None     # None: from the prepared data's dataset.json
+    patch_size: int = 4               # K tokens per vector
+    attention: str = "auto"           # auto | flash | sdpa
+    autoencoder: str | None = None    # frozen AE for calm: run dir, checkpoint dir or HF-layout dir
+    init_std: float = 0.02
+    ae: AutoencoderArch = field(default_factory=AutoencoderArch)
+    backbone: BackboneArch = field(default_factory=BackboneArch)
+    head: EnergyHeadArch = field(default_factory=EnergyHeadArch)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 1
+    sequence_parallel: bool = False
+    ds_config: str | None = None      # a JSON path or a name in ds_configs/; None: chosen from zero_stage/pp
+    offload: bool = False             # ZeRO-Offload of optimizer state to CPU
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 1234
+    micro_batch: int = 8              # sequences per rank per forward
+    global_batch: int = 64            # sequences per optimizer step
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"        # constant | cosine (after warmup)
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    log_every: int = 1
+    save_every: int = 0               # 0: only at the end and on signals
+    eval_every: int = 0               # 0: only at the end
+    eval_batches: int = 8             # validation batches per evaluation
+    keep_last: int = 2                # checkpoints kept ...
+    keep_every: int = 0               # ... plus every keep_every-th step (0: none)
+    max_wallclock: float = 0.0        # seconds; save and exit before this (0: off)
+    max_bad_steps: int = 5            # consecutive non-finite steps before the run stops
+    peak_flops: float = 0.0           # per-device peak FLOP/s for MFU; 0: measured at start
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None          # prepared data directory (calm-train prepare --out)
+    val: str | None = None            # None: the `val` split of data.train when it has one
+    seq_len: int | None = None        # None: from dataset.json
+    num_workers: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "off"                # off | offline | online
+    project: str = "calm-train"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def resolve_config_path(spec: str) -> pathlib.Path:
+    path = pathlib.Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError("CONFIG", f"no file {path}", "pass an existing YAML file or a name "
+                              f"among {named_configs()}")
+        return path
+    named = CONFIG_DIR / f"{spec}.yaml"
+    if not named.is_file():
+        raise ConfigError("CONFIG", f"'{spec}' is neither a YAML file nor a named config",
+                          f"use one of {named_configs()} or a path to a .yaml file")
+    return named
+
+
+def named_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _read_yaml_tree(path: pathlib.Path, seen: tuple = ()) -> dict:
+    if path in seen:
+        raise ConfigError("base", f"{path} extends itself through {list(seen)}", "remove the cycle")
+    with open(path) as f:
+        tree = yaml.safe_load(f) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError("CONFIG", f"{path} does not hold a mapping", "write `key: value` YAML")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return _deep_merge(_read_yaml_tree(resolve_config_path(base), seen + (path,)), tree)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like key=value", f"write e.g. {item}=VALUE")
+        dotted, raw = item.split("=", 1)
+        node = tree
+        *parents, leaf = dotted.strip().split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+    return tree
+
+
+def _build(cls, tree: dict, prefix: str):
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(dotted, "unknown key", f"use one of {sorted(names)} under "
+                              f"'{prefix[:-1] or '<top level>'}'")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, dotted: str):
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(dotted, f"expected a mapping, got {value!r}", "give its keys below it")
+        return _build(hint, value, dotted + ".")
+    allowed = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) else [hint]
+    if value is None:
+        if type(None) in get_args(hint):
+            return None
+        raise ConfigError(dotted, "must not be empty", f"give a {allowed[0].__name__}")
+    for typ in allowed:
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typ is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if typ is bool and isinstance(value, bool):
+            return value
+        if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(dotted, f"expected {' or '.join(t.__name__ for t in allowed)}, got {value!r}",
+                      "give a value of that type")
+
+
+def config_from_tree(tree: dict) -> Config:
+    return _build(Config, tree, "")
+
+
+def load_config(spec: str, overrides: list[str] = (), validate_now: bool = True) -> Config:
+    tree = _deep_merge(_read_yaml_tree(resolve_config_path(spec)), parse_overrides(list(overrides)))
+    cfg = config_from_tree(tree)
+    if validate_now:
+        validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _check(ok: bool, key: str, problem: str, fix: str):
+    if not ok:
+        raise ConfigError(key, problem, fix)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Reject a config that cannot run, naming the key and the fix. `world_size` adds layout checks."""
+    m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+    _check(bool(cfg.run_dir), "run_dir", "is empty", "set run_dir=DIR")
+    _check(m.kind in MODEL_KINDS, "model.kind", f"'{m.kind}' is not a model kind",
+           f"use one of {list(MODEL_KINDS)}")
+    _check(m.patch_size >= 1, "model.patch_size", f"K={m.patch_size} must be >= 1", "use K=4 as the paper")
+    _check(m.attention in ("auto", "flash", "sdpa"), "model.attention", f"'{m.attention}' is unknown",
+           "use auto, flash or sdpa")
+    _check(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size", f"{m.vocab_size} is too small",
+           "leave it empty to take it from dataset.json")
+    _check(m.init_std > 0, "model.init_std", "must be > 0", "use 0.02")
+    if d.seq_len is not None:
+        _check(d.seq_len > 0 and d.seq_len % m.patch_size == 0, "data.seq_len",
+               f"{d.seq_len} is not a positive multiple of model.patch_size={m.patch_size}",
+               f"use a multiple of {m.patch_size}, e.g. {max(1, (d.seq_len or 0) // m.patch_size) * m.patch_size}")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0", "use 0 or more loader workers")
+
+    ae = m.ae
+    _check(ae.num_encoder_layers >= 2 and ae.num_decoder_layers >= 2, "model.ae.num_encoder_layers",
+           "the encoder and decoder need >= 2 layers each (half before, half after the K-merge)",
+           "use 2 or more")
+    _check(ae.latent_size >= 1 and ae.hidden_size >= 1, "model.ae.latent_size", "must be >= 1",
+           "use 128 as the paper")
+    _check(0.0 <= ae.ae_dropout < 1.0, "model.ae.ae_dropout", f"{ae.ae_dropout} not in [0, 1)", "use 0.15")
+    _check(0.0 <= ae.mask_prob < 1.0, "model.ae.mask_prob", f"{ae.mask_prob} not in [0, 1)", "use 0.15")
+    _check(ae.kl_clamp >= 0 and ae.kl_weight >= 0, "model.ae.kl_clamp", "must be >= 0",
+           "use kl_clamp=0.5, kl_weight=1e-3")
+
+    if m.kind in ("calm", "ar"):
+        b = m.backbone
+        _check(b.num_heads >= 1 and b.hidden_size % b.num_heads == 0, "model.backbone.num_heads",
+               f"hidden_size={b.hidden_size} is not divisible by num_heads={b.num_heads}",
+               "choose num_heads dividing hidden_size")
+        _check(b.num_heads % b.kv_heads == 0, "model.backbone.num_kv_heads",
+               f"num_heads={b.num_heads} is not a multiple of num_kv_heads={b.kv_heads}",
+               "choose num_kv_heads dividing num_heads")
+        _check((b.hidden_size // b.num_heads) % 2 == 0, "model.backbone.num_heads",
+               "RoPE needs an even head dimension", "choose num_heads so hidden_size/num_heads is even")
+        _check(p.tp >= 1 and b.num_heads % p.tp == 0, "parallel.tp",
+               f"tp={p.tp} does not divide model.backbone.num_heads={b.num_heads}",
+               "choose tp dividing the number of attention heads")
+        _check(b.kv_heads % p.tp == 0, "parallel.tp",
+               f"tp={p.tp} does not divide model.backbone.num_kv_heads={b.kv_heads}",
+               "choose tp dividing the number of key/value heads")
+        _check(b.intermediate_size % p.tp == 0, "parallel.tp",
+               f"tp={p.tp} does not divide model.backbone.intermediate_size={b.intermediate_size}",
+               "choose tp dividing the MLP width")
+        _check(p.pp >= 1 and b.num_layers % p.pp == 0, "parallel.pp",
+               f"pp={p.pp} does not divide model.backbone.num_layers={b.num_layers}",
+               "choose pp dividing the number of layers")
+    else:
+        _check(p.tp == 1 and p.pp == 1, "parallel.tp", "the autoencoder trains data-parallel only",
+               "set parallel.tp=1 parallel.pp=1 (scale it with data parallelism)")
+    if m.kind == "calm":
+        h = m.head
+        _check(bool(m.autoencoder), "model.autoencoder", "a CALM run needs its frozen autoencoder",
+               "set model.autoencoder=RUN_DIR (or a checkpoint or exported directory) of a trained autoencoder")
+        _check(h.num_samples >= 2, "model.head.num_samples",
+               f"N={h.num_samples}: the energy score needs >= 2 model samples", "use N=8")
+        _check(h.num_target_samples >= 1, "model.head.num_target_samples", "must be >= 1", "use M=100")
+        _check(0 < h.beta < 2, "model.head.beta", f"beta={h.beta} is not in (0, 2): the score is not "
+               "strictly proper", "use beta=1")
+        _check(h.num_blocks >= 1 and h.noise_size >= 1, "model.head.num_blocks", "must be >= 1", "use 4")
+
+    _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{p.zero_stage} is not a ZeRO stage",
+           "use 0, 1, 2 or 3")
+    _check(not (p.pp > 1 and p.zero_stage > 1), "parallel.zero_stage",
+           f"ZeRO-{p.zero_stage} does not work with pipeline parallelism (pp={p.pp})",
+           "use parallel.zero_stage=1 (or 0) with pp > 1")
+    _check(not (p.sequence_parallel and p.tp == 1), "parallel.sequence_parallel",
+           "sequence parallelism splits activations over tensor-parallel ranks, but tp=1",
+           "set parallel.tp >= 2 or parallel.sequence_parallel=false")
+    if p.sequence_parallel and d.seq_len is not None:
+        positions = d.seq_len // m.patch_size if m.kind == "calm" else d.seq_len
+        _check(positions % p.tp == 0, "parallel.sequence_parallel",
+               f"{positions} backbone positions are not divisible by tp={p.tp}",
+               "choose data.seq_len so the positions divide by tp, or turn sequence_parallel off")
+    _check(not (p.offload and p.zero_stage == 0), "parallel.offload", "offload needs ZeRO >= 1",
+           "set parallel.zero_stage to 1, 2 or 3")
+
+    _check(t.steps >= 1, "train.steps", f"{t.steps} must be >= 1", "train for at least one step")
+    _check(t.lr > 0 and t.min_lr >= 0, "train.lr", f"lr={t.lr} must be > 0", "use 3e-4 as the paper")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", "use 0 or more")
+    _check(t.schedule in ("constant", "cosine"), "train.schedule", f"'{t.schedule}' is unknown",
+           "use constant or cosine")
+    _check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1", "use 1 or more sequences")
+    _check(t.global_batch >= t.micro_batch and t.global_batch % t.micro_batch == 0, "train.global_batch",
+           f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}",
+           "make global_batch = micro_batch x data-parallel size x accumulation steps")
+    _check(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"'{t.dtype}' is unknown", "use auto, fp32 or bf16")
+    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0", "use 1.0 (0 turns clipping off)")
+    _check(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "train.adam_beta2", "betas must be in [0, 1)",
+           "use 0.9 and 0.95")
+    for key in ("log_every", "save_every", "eval_every", "keep_every"):
+        _check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0", "use 0 (off) or a step count")
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1", "log every step or every few steps")
+    _check(t.keep_last >= 1, "train.keep_last", "must keep at least the newest checkpoint", "use 1 or more")
+    _check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1", "evaluate at least one batch")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", "allow a few skipped steps, e.g. 5")
+    _check(cfg.logging.wandb in ("off", "offline", "online"), "logging.wandb",
+           f"'{cfg.logging.wandb}' is unknown", "use off, offline or online")
+
+    if world_size is not None:
+        validate_layout(cfg, world_size)
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tp * cfg.parallel.pp)
+
+
+def validate_layout(cfg: Config, world_size: int) -> None:
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tp * p.pp
+    _check(world_size % model_parallel == 0, "parallel.tp",
+           f"tp x pp = {model_parallel} does not divide the {world_size} launched processes",
+           f"launch a multiple of {model_parallel} processes or change parallel.tp/parallel.pp")
+    dp = data_parallel_size(cfg, world_size)
+    per_step = t.micro_batch * dp
+    _check(t.global_batch % per_step == 0, "train.global_batch",
+           f"{t.global_batch} is not divisible by micro_batch x dp = {t.micro_batch} x {dp}",
+           f"use a multiple of {per_step}")
+    if p.pp > 1:
+        microbatches = t.global_batch // per_step
+        _check(microbatches >= p.pp, "train.global_batch",
+               f"{microbatches} microbatches per step cannot fill {p.pp} pipeline stages",
+               f"raise global_batch to >= {per_step * p.pp} or lower micro_batch")

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: resharding, Hugging Face export and import."""

@@ -1,0 +1,1 @@
+"""Reading prepared MDS shards: verification, loader, collation."""

@@ -1,0 +1,1 @@
+"""Device/backend choice, megatron parallel_state, DeepSpeed engines, pipeline stages, CPU shims."""

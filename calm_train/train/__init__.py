@@ -1,0 +1,1 @@
+"""Trainers, the training loop, evaluation, logging, checkpoints and signal handling."""

@@ -1,0 +1,1 @@
+"""Corpus -> tokenizer -> K-aligned packed MDS shards."""
