@@ -1,0 +1,87 @@
+"""The config tree: named configs load, overrides apply, and every invalid config names its key."""
+import pytest
+
+from calm_train.config import ConfigError, load_config, named_configs, to_yaml, config_from_tree, validate
+import yaml
+
+CALM = ["model.autoencoder=runs/ae"]
+
+
+@pytest.mark.parametrize("name", named_configs())
+def test_named_configs_load_and_validate(name):
+    cfg = load_config(name, CALM if "calm" in name else [])
+    assert cfg.model.kind in ("autoencoder", "calm", "ar")
+    assert config_from_tree(yaml.safe_load(to_yaml(cfg))) == cfg        # the resolved YAML round-trips
+
+
+def test_paper_sizes():
+    m = load_config("calm_m", CALM).model
+    assert (m.backbone.hidden_size, m.backbone.intermediate_size, m.backbone.num_layers, m.backbone.num_heads) == (1024, 2752, 16, 16)
+    assert (m.head.num_blocks, m.head.num_samples, m.head.num_target_samples, m.patch_size) == (4, 8, 100, 4)
+    ae = load_config("autoencoder").model.ae
+    assert (ae.hidden_size, ae.intermediate_size, ae.num_encoder_layers, ae.num_decoder_layers, ae.latent_size) == (512, 1280, 2, 2, 128)
+    assert (ae.kl_clamp, ae.kl_weight, ae.ae_dropout, ae.mask_prob) == (0.5, 1e-3, 0.15, 0.15)
+    assert load_config("calm_l", CALM).model.backbone.hidden_size == 1536      # `base:` inheritance
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny_calm", CALM + ["train.lr=0.01", "parallel.tp=2", "train.steps=7", "data.seq_len=64",
+                                           "parallel.sequence_parallel=true"])
+    assert (cfg.train.lr, cfg.parallel.tp, cfg.train.steps, cfg.data.seq_len) == (0.01, 2, 7, 64)
+    assert cfg.parallel.sequence_parallel is True
+
+
+INVALID = [
+    # (overrides on tiny_calm, key named in the error, world size or None)
+    (["model.kind=gpt"], "model.kind", None),
+    (["model.patch_size=0"], "model.patch_size", None),
+    (["data.seq_len=30"], "data.seq_len", None),
+    (["model.attention=xformers"], "model.attention", None),
+    (["parallel.tp=3"], "parallel.tp", None),
+    (["model.backbone.num_heads=5"], "model.backbone.num_heads", None),
+    (["model.backbone.num_kv_heads=3"], "model.backbone.num_kv_heads", None),
+    (["parallel.pp=3"], "parallel.pp", None),
+    (["parallel.pp=2", "parallel.zero_stage=2"], "parallel.zero_stage", None),
+    (["parallel.pp=2", "parallel.zero_stage=3"], "parallel.zero_stage", None),
+    (["parallel.zero_stage=4"], "parallel.zero_stage", None),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", None),
+    (["model.autoencoder="], "model.autoencoder", None),
+    (["model.head.num_samples=1"], "model.head.num_samples", None),
+    (["model.head.beta=2.5"], "model.head.beta", None),
+    (["train.global_batch=6"], "train.global_batch", None),
+    (["train.lr=0"], "train.lr", None),
+    (["train.schedule=linear"], "train.schedule", None),
+    (["train.dtype=fp16"], "train.dtype", None),
+    (["logging.wandb=cloud"], "logging.wandb", None),
+    (["train.keep_last=0"], "train.keep_last", None),
+    (["model.ae.ae_dropout=1.5"], "model.ae.ae_dropout", None),
+    (["train.bogus=1"], "train.bogus", None),
+    (["train.steps=many"], "train.steps", None),
+    (["parallel.tp=2"], "parallel.tp", 3),                                   # 3 processes cannot hold tp=2
+    (["train.global_batch=12"], "train.global_batch", 2),                     # 12 % (4 x dp 2) != 0
+    (["parallel.pp=2", "train.global_batch=4"], "train.global_batch", 2),     # 1 microbatch cannot fill 2 stages
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=12"], "parallel.sequence_parallel", None),
+]
+
+
+@pytest.mark.parametrize("overrides,key,world", INVALID, ids=[" ".join(c[0]) for c in INVALID])
+def test_invalid_config_is_rejected_naming_its_key(overrides, key, world):
+    with pytest.raises(ConfigError) as err:
+        cfg = load_config("tiny_calm", CALM + overrides)
+        validate(cfg, world_size=world)
+    assert err.value.key == key
+    assert f"'{key}'" in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_autoencoder_rejects_model_parallel():
+    with pytest.raises(ConfigError, match="parallel.tp"):
+        load_config("tiny_autoencoder", ["parallel.tp=2"])
+
+
+def test_unknown_config_name_lists_the_named_ones(tmp_path):
+    with pytest.raises(ConfigError, match="tiny_calm"):
+        load_config("no_such_config")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(bad))
