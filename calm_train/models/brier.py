@@ -1,0 +1,75 @@
+"""BrierLM: a likelihood-free, strictly proper language-model metric (CALM, Section 4).
+
+For a predictive distribution P over outcomes and the observed outcome y, the Brier score
+(here in its "higher is better" form) is
+
+    Brier(P, y) = 2 P(y) - sum_x P(x)^2.
+
+Without access to P, two independent samples x1, x2 ~ P give the unbiased estimate
+
+    1{x1 = y} + 1{x2 = y} - 1{x1 = x2},
+
+since E 1{x_i = y} = P(y) and E 1{x1 = x2} = sum_x P(x)^2.  Brier-n applies it to the n-gram
+that follows a position (outcomes are n-token tuples), and
+
+    BrierLM = 100 * (Brier-1 * Brier-2 * Brier-3 * Brier-4)^(1/4).
+
+Variance-reduced form for models with exact next-token probabilities (the AR baseline): sample
+two (n-1)-token prefixes a, b ~ P (ancestral sampling) and take the model's exact last-token
+distributions q_a = P(. | a), q_b = P(. | b).  Replacing each indicator of the two-sample estimate
+by its expectation over the last token given the prefixes gives
+
+    1{a = y_<n} q_a(y_n) + 1{b = y_<n} q_b(y_n) - 1{a = b} sum_v q_a(v) q_b(v).
+
+Unbiased: E[1{a = y_<n} q_a(y_n)] = P(y_<n) P(y_n | y_<n) = P(y), and
+E[1{a = b} <q_a, q_b>] = sum_a P(a)^2 sum_v q_a(v)^2 = sum_x P(x)^2.  It is the conditional
+expectation of the two-sample estimate given (a, b), so by Rao-Blackwell its variance is never
+larger; for n = 1 (empty prefixes) it equals the exact Brier score.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+BRIER_FLOOR = 1e-8   # each Brier-n is clamped at this floor before the geometric mean (a mean can be <= 0)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Whole n-gram equality over the last dimension (True for empty n-grams)."""
+    return (a == b).all(dim=-1)
+
+
+def brier_two_sample(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Elementwise 1{x1=y} + 1{x2=y} - 1{x1=x2} for n-gram tuples [..., n]; float [...]."""
+    return _same(x1, y).float() + _same(x2, y).float() - _same(x1, x2).float()
+
+
+def brier_exact(probs_V: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """2 p(y) - sum_v p(v)^2 for probabilities [..., V] and outcomes [...]."""
+    p_y = probs_V.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return 2 * p_y - probs_V.pow(2).sum(-1)
+
+
+def brier_ngram_sampled_with_probs(prefix1: torch.Tensor, probs1_V: torch.Tensor,
+                                   prefix2: torch.Tensor, probs2_V: torch.Tensor,
+                                   y: torch.Tensor) -> torch.Tensor:
+    """Rao-Blackwellised Brier-n estimate [...] (see the module docstring).
+
+    prefix1, prefix2: [..., n-1] sampled prefixes (n-1 may be 0); probs1_V, probs2_V: [..., V] the
+    model's next-token distribution after each prefix; y: [..., n] the observed n-gram.
+    """
+    last = y[..., -1:]
+    hit1 = _same(prefix1, y[..., :-1]).float() * probs1_V.gather(-1, last).squeeze(-1)
+    hit2 = _same(prefix2, y[..., :-1]).float() * probs2_V.gather(-1, last).squeeze(-1)
+    collision = _same(prefix1, prefix2).float() * (probs1_V * probs2_V).sum(-1)
+    return hit1 + hit2 - collision
+
+
+def brierlm(brier_n: Sequence[float]) -> float:
+    """100 x geometric mean of Brier-1..4 (each clamped at BRIER_FLOOR)."""
+    if len(brier_n) == 0:
+        raise ValueError("brierlm needs the Brier-n values (n = 1..4), got none")
+    logs = [math.log(max(float(b), BRIER_FLOOR)) for b in brier_n]
+    return 100 * math.exp(sum(logs) / len(logs))
