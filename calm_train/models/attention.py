@@ -1,0 +1,138 @@
+"""Core attention modules for megatron's layer spec, and the KV cache used for generation.
+
+megatron's SelfAttention projects q/k/v, applies RoPE and calls `core_attention(q, k, v, ...)`
+with [seq, batch, heads_per_partition, head_dim] tensors; the module returns
+[seq, batch, heads_per_partition * head_dim].  The backend is chosen once, in the spec
+(`core_attention_for`), never by branches in the model:
+
+    softmax(q k^T * scale + causal) v       scale = 1/sqrt(head_dim)
+
+* SDPACoreAttention: torch.nn.functional.scaled_dot_product_attention (CPU and GPU).
+* FlashCoreAttention: flash_attn.flash_attn_func (CUDA, bf16/fp16).
+
+Both read the KV cache that `use_kv_cache(cache)` makes active: each layer appends its new
+keys/values (already rotated at their absolute positions) and its queries attend to every
+cached key, causally within the new block.  Without a cache the attention is plain causal.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
+
+
+class KVCache:
+    """Keys/values of every attention layer of one backbone stage, for positions [0, length)."""
+
+    def __init__(self):
+        self.length = 0            # positions already cached (advanced by the backbone after a forward)
+        self._kv_SBHD: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def extend(self, layer_number: int, k_SBHD: torch.Tensor, v_SBHD: torch.Tensor):
+        """Append the new positions of one layer; return all its keys and values."""
+        if layer_number in self._kv_SBHD:
+            past_k, past_v = self._kv_SBHD[layer_number]
+            k_SBHD, v_SBHD = torch.cat([past_k, k_SBHD]), torch.cat([past_v, v_SBHD])
+        self._kv_SBHD[layer_number] = (k_SBHD, v_SBHD)
+        return k_SBHD, v_SBHD
+
+
+_ACTIVE_CACHE: contextvars.ContextVar[KVCache | None] = contextvars.ContextVar("kv_cache", default=None)
+
+
+@contextlib.contextmanager
+def use_kv_cache(cache: KVCache | None):
+    """Make `cache` the one every core-attention module reads and extends (None: no cache)."""
+    token = _ACTIVE_CACHE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE_CACHE.reset(token)
+
+
+class _CoreAttention(MegatronModule):
+    """Shared part: megatron's constructor/call interface and the KV cache; `attend` is the kernel."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal or attention_type != "self":
+            raise ValueError(f"{type(self).__name__} implements causal self-attention only, "
+                             f"got mask {attn_mask_type} and attention type {attention_type!r}")
+        self.layer_number = layer_number
+        self.softmax_scale = softmax_scale
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("the project's core attention is causal by construction: pass "
+                             "attention_mask=None and no attention_bias / packed_seq_params")
+        cache = _ACTIVE_CACHE.get()
+        past = 0
+        if cache is not None:
+            past = cache.length
+            key, value = cache.extend(self.layer_number, key, value)
+        out_SBHD = self.attend(query, key, value, past)
+        return out_SBHD.reshape(out_SBHD.shape[0], out_SBHD.shape[1], -1)
+
+    def attend(self, q_SBHD, k_SBHD, v_SBHD, past: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SDPACoreAttention(_CoreAttention):
+    def attend(self, q_SBHD, k_SBHD, v_SBHD, past: int) -> torch.Tensor:
+        q_BHSD, k_BHSD, v_BHSD = (x.permute(1, 2, 0, 3) for x in (q_SBHD, k_SBHD, v_SBHD))
+        mask_QK = None
+        if past:    # query i sits at absolute position past + i and sees keys 0 .. past + i
+            q_pos = past + torch.arange(q_BHSD.shape[2], device=q_BHSD.device)
+            mask_QK = torch.arange(k_BHSD.shape[2], device=q_BHSD.device)[None, :] <= q_pos[:, None]
+        out_BHSD = F.scaled_dot_product_attention(
+            q_BHSD, k_BHSD, v_BHSD, attn_mask=mask_QK, is_causal=not past,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+            enable_gqa=k_BHSD.shape[1] != q_BHSD.shape[1])
+        return out_BHSD.permute(2, 0, 1, 3)
+
+
+class FlashCoreAttention(_CoreAttention):
+    def attend(self, q_SBHD, k_SBHD, v_SBHD, past: int) -> torch.Tensor:
+        from flash_attn import flash_attn_func
+
+        # flash_attn aligns the causal mask bottom-right when queries are fewer than keys,
+        # which is exactly "query i at position past + i sees keys 0 .. past + i".
+        out_BSHD = flash_attn_func(*(x.transpose(0, 1) for x in (q_SBHD, k_SBHD, v_SBHD)),
+                                   dropout_p=self.dropout_p if self.training else 0.0,
+                                   softmax_scale=self.softmax_scale, causal=True)
+        return out_BSHD.transpose(0, 1)
+
+
+def flash_unavailable_reason(params_dtype: torch.dtype) -> str | None:
+    """Why FlashCoreAttention cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash_attn package is not installed"
+    if params_dtype not in (torch.bfloat16, torch.float16):
+        return f"flash_attn needs bf16/fp16 weights, the model is {params_dtype}"
+    return None
+
+
+def core_attention_for(name: str, params_dtype: torch.dtype = torch.float32) -> type[_CoreAttention]:
+    """Resolve model.attention: auto (flash when it can run here, else sdpa) | flash | sdpa."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention={name!r} is unknown: use one of {list(ATTENTION_BACKENDS)}")
+    if name == "sdpa":
+        return SDPACoreAttention
+    reason = flash_unavailable_reason(params_dtype)
+    if name == "flash" and reason is not None:
+        raise ValueError(f"model.attention=flash cannot run: {reason}. Fix: on a CUDA machine install "
+                         "flash-attn (pip install '.[gpu]') and train in bf16 (train.dtype=bf16), "
+                         "or set model.attention=sdpa (or auto)")
+    return FlashCoreAttention if reason is None else SDPACoreAttention
