@@ -14,11 +14,13 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from calm_train.errors import UserError
+
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 MODEL_KINDS = ("autoencoder", "calm", "ar")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message names the key and the fix."""
 
     def __init__(self, key: str, problem: str, fix: str):

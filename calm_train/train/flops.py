@@ -1,0 +1,86 @@
+"""Model FLOPs per trained token (forward + backward = 3 x forward; frozen parts forward only) and peak FLOP/s.
+
+Counts matrix multiplies only (2 FLOPs per multiply-add), as MFU conventionally does:
+backbone (projections, attention scores and values, SwiGLU MLP), CALM input compression, energy
+head (x N samples), frozen autoencoder encoder (forward only), AR vocabulary head.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from calm_train.config import AutoencoderArch, BackboneArch, ModelConfig
+
+
+def backbone_forward_flops(b: BackboneArch, positions: int) -> float:
+    """Forward FLOPs per position of the Transformer for a sequence of `positions` (causal: average context / 2)."""
+    h, head_dim = b.hidden_size, b.hidden_size // b.num_heads
+    qkvo = 2 * h * (h + 2 * b.kv_heads * head_dim + h)
+    mlp = 2 * 3 * h * b.intermediate_size
+    attention = 2 * 2 * h * positions / 2
+    return b.num_layers * (qkvo + mlp + attention)
+
+
+def encoder_forward_flops(ae: AutoencoderArch, patch_size: int) -> float:
+    """Autoencoder encoder forward FLOPs per chunk of K tokens."""
+    h, i = ae.hidden_size, ae.intermediate_size
+    per_position_layer = 2 * 3 * h * i
+    before = ae.num_encoder_layers // 2
+    after = ae.num_encoder_layers - before
+    return (patch_size * before * per_position_layer + 2 * patch_size * h * h + after * per_position_layer
+            + 2 * h * 2 * ae.latent_size)
+
+
+def decoder_forward_flops(ae: AutoencoderArch, patch_size: int, vocab_size: int) -> float:
+    h, i = ae.hidden_size, ae.intermediate_size
+    per_position_layer = 2 * 3 * h * i
+    before = ae.num_decoder_layers // 2
+    after = ae.num_decoder_layers - before
+    return (2 * ae.latent_size * h + before * per_position_layer + 2 * h * patch_size * h
+            + patch_size * after * per_position_layer + patch_size * 2 * h * vocab_size)
+
+
+def energy_head_forward_flops(m: ModelConfig) -> float:
+    """Per sample: noise embedding, the residual blocks and the final layer (hidden embedding shared)."""
+    h, z, d = m.backbone.hidden_size, m.head.noise_size, m.ae.latent_size
+    block = 2 * (2 * h * h + h * h + h * 2 * h + h * h)
+    return 2 * z * h + m.head.num_blocks * block + 2 * (h * h + h * d)
+
+
+def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one training step per token (fwd + bwd of trained parts, fwd of frozen parts)."""
+    k, v = m.patch_size, m.vocab_size or 0
+    if m.kind == "autoencoder":
+        per_chunk = encoder_forward_flops(m.ae, k) + decoder_forward_flops(m.ae, k, v)
+        return 3 * per_chunk / k
+    if m.kind == "ar":
+        h = m.backbone.hidden_size
+        return 3 * (backbone_forward_flops(m.backbone, seq_len) + 2 * h * v)
+    h = m.backbone.hidden_size
+    positions = seq_len // k
+    compression = 2 * (k * h * 2 * h + 2 * h * h)
+    head = 2 * h * h + m.head.num_samples * energy_head_forward_flops(m)
+    trained = compression + backbone_forward_flops(m.backbone, positions) + head
+    return (3 * trained + encoder_forward_flops(m.ae, k)) / k
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
+    """Achieved FLOP/s of a large square GEMM on this device: the denominator of MFU when none is configured."""
+    n = 2048 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    _sync(device)
+    return 2 * n ** 3 * count / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

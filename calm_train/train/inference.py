@@ -1,0 +1,127 @@
+"""`calm-train eval` and `calm-train generate`: one process, any checkpoint form, no training state.
+
+A checkpoint is self-contained: config.yaml, tokenizer/, model.safetensors (the full model whatever
+layout trained it) and, for CALM, autoencoder.safetensors + autoencoder.yaml (the frozen AE).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import torch
+import yaml
+
+from calm_train.config import AutoencoderArch, Config, config_from_tree
+from calm_train.errors import UserError
+
+
+@dataclasses.dataclass
+class Loaded:
+    cfg: Config
+    model: torch.nn.Module
+    autoencoder: torch.nn.Module | None
+    tokenizer: object
+    checkpoint: pathlib.Path
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The whole (single-stage, TP=1) model of a config; needs an initialised runtime for CALM/AR."""
+    m = cfg.model
+    if m.kind == "autoencoder":
+        from calm_train.models.autoencoder import Autoencoder
+        return Autoencoder(m.ae, m.vocab_size, m.patch_size, m.init_std)
+    if m.kind == "calm":
+        from calm_train.models.calm import CALM
+        return CALM(m)
+    from calm_train.models.ar import ARModel
+    return ARModel(m)
+
+
+def load_autoencoder_file(directory: pathlib.Path, device) -> torch.nn.Module:
+    from safetensors.torch import load_file
+    from calm_train.models.autoencoder import Autoencoder
+    spec = yaml.safe_load((directory / "autoencoder.yaml").read_text())
+    ae = Autoencoder(AutoencoderArch(**spec["arch"]), spec["vocab_size"], spec["patch_size"])
+    ae.load_state_dict(load_file(str(directory / "autoencoder.safetensors")), strict=True)
+    ae.requires_grad_(False)
+    return ae.eval().to(device)
+
+
+def save_autoencoder_file(autoencoder, directory: pathlib.Path) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()},
+              str(directory / "autoencoder.safetensors"))
+    (directory / "autoencoder.yaml").write_text(yaml.safe_dump({
+        "arch": dataclasses.asdict(autoencoder.arch), "vocab_size": autoencoder.vocab_size,
+        "patch_size": autoencoder.patch_size}))
+
+
+def load_for_inference(spec: str, device) -> Loaded:
+    """Inside runtime.single_process(): resolve, verify and load a checkpoint for evaluation or generation."""
+    from safetensors.torch import load_file
+    from calm_train.train.checkpoint import resolve_checkpoint, verify_checkpoint
+    ckpt = resolve_checkpoint(spec)
+    verify_checkpoint(ckpt)
+    cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    model = build_model(cfg)
+    state = load_file(str(ckpt / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise UserError(f"{ckpt}/model.safetensors does not fit the model in {ckpt}/config.yaml (missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}). Fix: use the config it was saved with")
+    model = model.to(device).eval()
+    autoencoder = load_autoencoder_file(ckpt, device) if cfg.model.kind == "calm" else None
+    return Loaded(cfg, model, autoencoder, load_run_tokenizer(ckpt / "tokenizer"), ckpt)
+
+
+def load_run_tokenizer(tokenizer_dir: pathlib.Path):
+    """The tokenizer a run copied beside its dataset.json."""
+    from calm_train.data.dataset_info import read_dataset_info
+    from calm_train.data.tokenizer import load_tokenizer
+    return load_tokenizer(tokenizer_dir / read_dataset_info(tokenizer_dir).tokenizer)
+
+
+def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | None = None, seed: int = 0) -> dict:
+    from calm_train.data.loader import TokenLoader
+    from calm_train.parallel import runtime
+    from calm_train.train.evaluate import accumulate, batch_metric_sums, finish, validation_source
+    with runtime.single_process(seed) as world:
+        loaded = load_for_inference(spec, world.device)
+        cfg = loaded.cfg
+        if data:
+            cfg.data.val = data
+        data_dir, split = validation_source(cfg)
+        loader = TokenLoader(data_dir, split, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
+                             shuffle=False, verify=True)
+        totals: dict = {}
+        tokens_seen, limit = 0, max_tokens or loader.tokens_per_epoch
+        for batch in loader:
+            tokens = batch["tokens"].to(world.device)
+            accumulate(totals, batch_metric_sums(cfg.model.kind, loaded.model, loaded.autoencoder, tokens,
+                                                 batch["sample_ids"], seed, cfg.model.patch_size))
+            tokens_seen += tokens.numel()
+            if tokens_seen >= limit:
+                break
+        return {"checkpoint": str(loaded.checkpoint), "kind": cfg.model.kind, "tokens": tokens_seen,
+                **finish(totals)}
+
+
+def generate_text(spec: str, prompt: str, temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0) -> str:
+    from calm_train.parallel import runtime
+    if not 0 <= temperature <= 1:
+        raise UserError(f"--temperature {temperature} is outside [0, 1]. Fix: use 0 (greedy) up to 1")
+    with runtime.single_process(seed) as world:
+        loaded = load_for_inference(spec, world.device)
+        ids = loaded.tokenizer.encode(prompt)
+        kind = loaded.cfg.model.kind
+        if kind == "autoencoder":
+            raise UserError(f"{loaded.checkpoint} is an autoencoder: it reconstructs chunks, it does not continue "
+                            "text. Fix: generate with a CALM or AR checkpoint")
+        from calm_train.models.generate import generate_ar, generate_calm
+        if kind == "calm":
+            out = generate_calm(loaded.model, loaded.autoencoder, ids, max_new_tokens, temperature, seed,
+                                pad_id=loaded.tokenizer.pad_id)
+        else:
+            out = generate_ar(loaded.model, ids, max_new_tokens, temperature, seed)
+        return loaded.tokenizer.decode(out)

@@ -1,0 +1,89 @@
+"""Rank-0 run logging per the run-directory contract: metrics.jsonl, eval.jsonl, progress, wandb."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+
+from calm_train.train.checkpoint import write_atomic
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_after(path: pathlib.Path, step: int) -> None:
+    """On resume, drop lines of steps after the checkpoint: those steps are redone, so the file keeps one
+    object per step and equals an uninterrupted run's."""
+    rows = read_jsonl(path)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) != len(rows):
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _clean(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class Logbook:
+    """Appends one JSON object per logged step / evaluation; a progress line on rank 0; optional wandb."""
+
+    def __init__(self, run_dir: pathlib.Path, cfg, enabled: bool, total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.eval_path = run_dir / "eval.jsonl"
+        self.total, self.start = total_steps, start_step
+        self.progress = enabled and cfg.logging.progress
+        self.wandb = None
+        if enabled:
+            truncate_after(self.metrics_path, start_step)
+            truncate_after(self.eval_path, start_step)
+            if cfg.logging.wandb != "off":
+                import wandb
+                from calm_train.config import to_dict
+                os.environ.setdefault("WANDB_DIR", str(run_dir))
+                self.wandb = wandb.init(project=cfg.logging.project, mode=cfg.logging.wandb, config=to_dict(cfg),
+                                        dir=str(run_dir), name=run_dir.name, resume="allow",
+                                        id=f"{run_dir.name}-{abs(hash(str(run_dir.resolve()))) % 10**8}")
+
+    def _append(self, path: pathlib.Path, row: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+    def step(self, row: dict, eta_s: float | None) -> None:
+        if not self.enabled:
+            return
+        self._append(self.metrics_path, row)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+        if self.progress:
+            done = row["step"] / self.total
+            bar = "#" * int(24 * done) + "-" * (24 - int(24 * done))
+            eta = f"{eta_s:6.0f}s" if eta_s is not None else "     ?"
+            sys.stderr.write(f"\r[{bar}] step {row['step']}/{self.total} loss {row['loss']:.4f} "
+                             f"{row['tokens_per_s']:.0f} tok/s eta {eta}")
+            if row["step"] == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def evaluation(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self._append(self.eval_path, row)
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+        if self.progress:
+            sys.stderr.write("\n")
+        self.event("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def event(self, message: str) -> None:
+        if self.enabled:
+            print(f"[calm-train] {message}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,270 @@
+"""`calm-train train`: one run of the autoencoder, CALM or AR trainer, in any parallel layout.
+
+Order: validate and check inputs (data, frozen autoencoder, run directory) -> process groups ->
+engine -> resume from the newest complete checkpoint -> steps (log, evaluate, save, obey signals)
+-> final save and evaluation. Exit 0 when done, 75 after a signal- or wall-clock-triggered save.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+
+from calm_train.config import Config, data_parallel_size, to_dict, to_yaml, validate, validate_layout
+from calm_train.errors import UserError
+from calm_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from calm_train.train.flops import measure_peak_flops, train_flops_per_token
+from calm_train.train.logbook import Logbook
+from calm_train.train.signals import StopRequest
+
+EXIT_DONE, EXIT_REQUEUE = 0, 75
+
+
+@dataclasses.dataclass
+class Progress:
+    """Everything besides the engine's tensors that an exact resume needs."""
+    step: int = 0
+    tokens: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    elapsed_s: float = 0.0
+    loader: dict | None = None
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of what must not change across a resume (the model); layouts and schedules may."""
+    return hashlib.sha256(json.dumps(to_dict(cfg.model), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_data(cfg: Config):
+    """Fill vocab size and sequence length from dataset.json; a mismatch names both values."""
+    from calm_train.data.dataset_info import read_dataset_info
+    if not cfg.data.train:
+        raise UserError("config key 'data.train' is empty. Fix: set data.train=DIR of `calm-train prepare --out DIR`")
+    info = read_dataset_info(cfg.data.train)
+    checks = [("model.vocab_size", cfg.model.vocab_size, info.vocab_size),
+              ("data.seq_len", cfg.data.seq_len, info.seq_len),
+              ("model.patch_size", cfg.model.patch_size if cfg.model.kind != "ar" else None, info.patch_size)]
+    for key, ours, theirs in checks:
+        if ours is not None and ours != theirs:
+            raise UserError(f"config key '{key}' is {ours} but {cfg.data.train}/dataset.json says {theirs}. "
+                            f"Fix: drop the key to take {theirs} from the data, or prepare data with {ours}")
+    cfg.model.vocab_size = info.vocab_size
+    cfg.data.seq_len = info.seq_len
+    return info
+
+
+class Run:
+    """One rank's view of a training run."""
+
+    def __init__(self, cfg: Config):
+        from calm_train.parallel import runtime
+        self.cfg = cfg
+        self.run_dir = pathlib.Path(cfg.run_dir)
+        self.info = resolve_data(cfg)
+        validate(cfg)
+        self.autoencoder_ref = None
+        if cfg.model.kind == "calm":
+            from calm_train.train.frozen_autoencoder import check_autoencoder
+            self.autoencoder_ref = check_autoencoder(cfg)
+        runtime.init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        validate_layout(cfg, self.world_size)
+        self.dp = data_parallel_size(cfg, self.world_size)
+        self.log = Logbook(self.run_dir, cfg, enabled=self.rank == 0, total_steps=cfg.train.steps, start_step=0)
+        self.checkpoints = CheckpointManager(self.run_dir, self.rank, dist.barrier, cfg.train.keep_last,
+                                             cfg.train.keep_every, log=self.log.event)
+
+    # ------------------------------------------------------------------------------------------
+    def preflight(self) -> pathlib.Path | None:
+        """Verify the shards (rank 0, result shared), write config.yaml and the tokenizer, find the resume point."""
+        from calm_train.data.verify import verify_dataset
+        error = ""
+        if self.rank == 0:
+            try:
+                verify_dataset(self.cfg.data.train)
+                if self.cfg.data.val:
+                    verify_dataset(self.cfg.data.val)
+            except UserError as err:
+                error = str(err)
+        error = broadcast_object(error)
+        if error:
+            raise UserError(error)
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            saved = json.loads((latest / "state.json").read_text())
+            if saved["config_hash"] != config_hash(self.cfg):
+                raise UserError(f"{latest} was trained with another model config than {self.run_dir}/config.yaml "
+                                "now asks for. Fix: use a new run_dir, or restore the model keys of the saved "
+                                f"{latest}/config.yaml")
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            tokenizer_dir = self.run_dir / "tokenizer"
+            tokenizer_dir.mkdir(exist_ok=True)
+            shutil.copy2(pathlib.Path(self.cfg.data.train) / self.info.tokenizer, tokenizer_dir / self.info.tokenizer)
+            for extra in self.info.tokenizer_extra_files():
+                shutil.copy2(pathlib.Path(self.cfg.data.train) / extra, tokenizer_dir / extra)
+            shutil.copy2(pathlib.Path(self.cfg.data.train) / "dataset.json", tokenizer_dir / "dataset.json")
+        dist.barrier()
+        return latest
+
+    def build(self) -> None:
+        from calm_train.data.loader import TokenLoader
+        from calm_train.parallel.engine import TrainEngine, build_world
+        from calm_train.train.tasks import task_for
+        self.world = build_world(self.cfg)
+        autoencoder = None
+        if self.autoencoder_ref is not None:
+            from calm_train.train.frozen_autoencoder import load_frozen_autoencoder
+            autoencoder = load_frozen_autoencoder(self.autoencoder_ref, self.world.device)
+        self.autoencoder = autoencoder
+        self.engine = TrainEngine(self.cfg, task_for(self.cfg, autoencoder), self.world)
+        self.per_rank_batch = self.cfg.train.global_batch // self.dp
+        self.loader = TokenLoader(self.cfg.data.train, "train", batch_size=self.per_rank_batch,
+                                  dp_rank=self.world.dp_rank, dp_size=self.dp, seed=self.cfg.train.seed,
+                                  num_workers=self.cfg.data.num_workers, verify=False)
+        self.flops_per_token = train_flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+        peak = self.cfg.train.peak_flops or measure_peak_flops(self.world.device, self.engine_dtype())
+        self.peak_flops = float(broadcast_object(peak))
+
+    def engine_dtype(self) -> torch.dtype:
+        dtype = self.cfg.train.dtype
+        if dtype == "auto":
+            dtype = "bf16" if torch.cuda.is_available() else "fp32"
+        return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+    # ------------------------------------------------------------------------------------------
+    def resume(self, latest: pathlib.Path | None) -> Progress:
+        if latest is None:
+            self.log.event(f"starting {self.cfg.model.kind} run in {self.run_dir} on {self.world_size} process(es): "
+                           f"tp={self.cfg.parallel.tp} pp={self.cfg.parallel.pp} dp={self.dp} "
+                           f"zero={self.cfg.parallel.zero_stage}")
+            return Progress()
+        progress = Progress(**json.loads((latest / "state.json").read_text())["progress"])
+        self.engine.load_checkpoint(latest / "engine", "state")
+        rng_file = latest / "rng" / f"rank_{self.rank:05d}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        if progress.loader is not None:
+            self.loader.load_state_dict(progress.loader)
+        self.log.event(f"resumed from {latest} at step {progress.step}")
+        return progress
+
+    def save(self, progress: Progress) -> None:
+        progress.loader = self.loader.state_dict()
+        state = {"progress": dataclasses.asdict(progress), "config_hash": config_hash(self.cfg),
+                 "autoencoder": self.autoencoder_ref.describe() if self.autoencoder_ref else None,
+                 "layout": {"world_size": self.world_size, "tp": self.cfg.parallel.tp, "pp": self.cfg.parallel.pp,
+                            "dp": self.dp, "zero_stage": self.cfg.parallel.zero_stage}}
+        export = self.engine.state_for_export()
+
+        def write(directory: pathlib.Path) -> None:
+            self.engine.save_checkpoint(directory / "engine", "state", {"step": progress.step})
+            (directory / "rng").mkdir(exist_ok=True)
+            torch.save(rng_state(), directory / "rng" / f"rank_{self.rank:05d}.pt")
+            if self.rank == 0:
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in export.items()}, str(directory / "model.safetensors"))
+                (directory / "state.json").write_text(json.dumps(state, indent=1))
+                (directory / "config.yaml").write_text(to_yaml(self.cfg))
+                shutil.copytree(self.run_dir / "tokenizer", directory / "tokenizer")
+                if self.autoencoder is not None:
+                    from calm_train.train.inference import save_autoencoder_file
+                    save_autoencoder_file(self.autoencoder, directory)
+
+        path = self.checkpoints.save(progress.step, write, {"kind": self.cfg.model.kind})
+        self.log.event(f"saved {path}")
+
+    # ------------------------------------------------------------------------------------------
+    def evaluate(self, step: int) -> None:
+        from calm_train.train.evaluate import evaluate_run
+        row = evaluate_run(self, step)
+        self.log.evaluation({"step": step, **row})
+
+    def train(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        latest = self.preflight()
+        self.build()
+        progress = self.resume(latest)
+        self.log.start = progress.step
+        stop = StopRequest().install()
+        tokens_per_step = t.global_batch * cfg.data.seq_len
+        started = time.monotonic() - progress.elapsed_s
+        batches = iter(self.loader)
+        try:
+            while progress.step < t.steps:
+                step_start = time.monotonic()
+                batch = next(batches)
+                result = self.engine.train_step(batch["tokens"], batch["sample_ids"], progress.step + 1)
+                progress.step += 1
+                progress.samples += t.global_batch
+                progress.tokens += tokens_per_step
+                if result.skipped:
+                    progress.skipped_steps += 1
+                    progress.bad_in_a_row += 1
+                    self.log.event(f"step {progress.step}: non-finite loss or gradient, update skipped "
+                                   f"({progress.bad_in_a_row} in a row)")
+                    if progress.bad_in_a_row >= t.max_bad_steps:
+                        raise UserError(f"{progress.bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
+                                        f"{t.max_bad_steps}); the last good checkpoint in {self.checkpoints.root} is "
+                                        "intact. Fix: lower train.lr, check the data, then relaunch to resume")
+                else:
+                    progress.bad_in_a_row = 0
+                step_s = time.monotonic() - step_start
+                progress.elapsed_s = time.monotonic() - started
+                if progress.step % t.log_every == 0 or progress.step == t.steps:
+                    tokens_per_s = tokens_per_step / max(step_s, 1e-9)
+                    self.log.step({
+                        "step": progress.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                        "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "samples": progress.samples,
+                        "elapsed_s": round(progress.elapsed_s, 3), "skipped_steps": progress.skipped_steps,
+                        "step_s": round(step_s, 4), "flops": self.flops_per_token * progress.tokens,
+                        "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size),
+                    }, eta_s=step_s * (t.steps - progress.step))
+                if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.steps:
+                    self.evaluate(progress.step)
+                out_of_time = bool(t.max_wallclock) and progress.elapsed_s >= t.max_wallclock
+                asked = any_rank(stop.requested or out_of_time)
+                if asked or (t.save_every and progress.step % t.save_every == 0 and progress.step < t.steps):
+                    self.save(progress)
+                if asked:
+                    reason = stop.signal_name or "train.max_wallclock"
+                    self.log.event(f"{reason}: checkpoint saved at step {progress.step}; exit {EXIT_REQUEUE} "
+                                   "(relaunch the same command to resume)")
+                    return EXIT_REQUEUE
+            if latest is None or progress.step > json.loads((latest / "state.json").read_text())["progress"]["step"]:
+                self.save(progress)
+            self.evaluate(progress.step)
+            self.log.event(f"done: {progress.step} steps, {progress.tokens} tokens in {progress.elapsed_s:.1f}s")
+            return EXIT_DONE
+        finally:
+            stop.uninstall()
+            self.log.close()
+
+
+def broadcast_object(value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    tensor = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)
+
+
+def run_training(cfg: Config) -> int:
+    from calm_train.parallel import runtime
+    try:
+        return Run(cfg).train()
+    finally:
+        runtime.destroy()
