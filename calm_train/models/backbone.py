@@ -42,10 +42,14 @@ class RMSNorm(torch.nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def transformer_config(arch: BackboneArch, *, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
-                       dtype: torch.dtype = torch.float32, init_std: float = 0.02) -> TransformerConfig:
+def transformer_config(arch: BackboneArch, *, tp: int | None = None, pp: int | None = None,
+                       sequence_parallel: bool = False, dtype: torch.dtype = torch.float32,
+                       init_std: float = 0.02) -> TransformerConfig:
     """megatron TransformerConfig for the backbone: SwiGLU, RMSNorm, no biases, no dropout, no fusions
-    (the fused kernels need apex/Transformer Engine, which the pinned stack does not install)."""
+    (the fused kernels need apex/Transformer Engine, which the pinned stack does not install).
+    tp/pp None: the sizes of megatron's initialised parallel_state."""
+    tp = parallel_state.get_tensor_model_parallel_world_size() if tp is None else tp
+    pp = parallel_state.get_pipeline_model_parallel_world_size() if pp is None else pp
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.intermediate_size,
         num_attention_heads=arch.num_heads, num_query_groups=arch.kv_heads,
@@ -57,6 +61,17 @@ def transformer_config(arch: BackboneArch, *, tp: int = 1, pp: int = 1, sequence
         use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
+
+
+def token_embedding(vocab_size: int, config: TransformerConfig) -> tensor_parallel.VocabParallelEmbedding:
+    """Token embedding split over TP ranks by vocabulary rows (output all-reduced: every rank sees all of it)."""
+    tp = config.tensor_model_parallel_size
+    if vocab_size % tp:
+        raise ValueError(f"model.vocab_size={vocab_size} is not divisible by parallel.tp={tp}: the vocabulary "
+                         "is split over tensor-parallel ranks; choose a tp dividing it (or a tokenizer "
+                         "vocabulary that is a multiple of tp)")
+    return tensor_parallel.VocabParallelEmbedding(vocab_size, config.hidden_size,
+                                                  init_method=config.embedding_init_method, config=config)
 
 
 def layer_spec(core_attention: type):
@@ -78,10 +93,7 @@ class Backbone(MegatronModule):
     def __init__(self, arch: BackboneArch, *, attention: str = "auto", pre_process: bool = True,
                  post_process: bool = True, sequence_parallel: bool = False,
                  params_dtype: torch.dtype = torch.float32, init_std: float = 0.02):
-        config = transformer_config(
-            arch, tp=parallel_state.get_tensor_model_parallel_world_size(),
-            pp=parallel_state.get_pipeline_model_parallel_world_size(),
-            sequence_parallel=sequence_parallel, dtype=params_dtype, init_std=init_std)
+        config = transformer_config(arch, sequence_parallel=sequence_parallel, dtype=params_dtype, init_std=init_std)
         super().__init__(config=config)
         self.pre_process, self.post_process = pre_process, post_process
         num_layers = get_num_layers_to_build(config, pp_rank=parallel_state.get_pipeline_model_parallel_rank())
@@ -107,7 +119,7 @@ class Backbone(MegatronModule):
             local_SBH = self.decoder.input_tensor
         seq_len = local_SBH.shape[0] * (self.config.tensor_model_parallel_size if sp else 1)
         offset = kv_cache.length if kv_cache is not None else 0
-        freqs_S11D = self.rotary(seq_len, offset)
+        freqs_S11D = self.rotary(seq_len, offset, local_SBH.device)
         with use_kv_cache(kv_cache):
             out_SBH = self.decoder(hidden_SBH, attention_mask=None, rotary_pos_emb=freqs_S11D)
         if kv_cache is not None:
