@@ -35,6 +35,11 @@ from calm_train.models.energy import EnergyHead, energy_score
 from calm_train.models.rng import SampleRNG
 
 
+def freeze(autoencoder: Autoencoder) -> Autoencoder:
+    """The frozen autoencoder CALM trains against: eval mode, no parameter requires a gradient."""
+    return autoencoder.eval().requires_grad_(False)
+
+
 class CALM(MegatronModule):
     def __init__(self, model_cfg: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32):
