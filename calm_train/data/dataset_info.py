@@ -1,0 +1,68 @@
+"""`dataset.json`: what `calm-train prepare` wrote and what training reads from it.
+
+Layout of a prepared directory:
+    DIR/dataset.json                 this record
+    DIR/<tokenizer files>            tokenizer.json, or tokenizer.model + tokenizer_config.json
+    DIR/<split>/index.json           MDS index of the split (train, val)
+    DIR/<split>/part-NNNNN/shard.00000.mds.zstd   one shard per part; column `tokens`: uint32[seq_len]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from dataclasses import dataclass, field
+
+INFO_NAME = "dataset.json"
+FORMAT_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """A prepared data directory that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class DatasetInfo:
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+    bos_id: int | None
+    patch_size: int                 # K: every document starts at a multiple of K
+    seq_len: int                    # tokens per sample, a multiple of K
+    tokenizer: str                  # file name in the data directory (the hashed one)
+    tokenizer_sha256: str
+    tokenizer_files: list[str]      # every file of the tokenizer (copied together)
+    splits: dict[str, dict]         # name -> {"samples", "tokens", "documents", "text_tokens", "pad_tokens"}
+    documents: int                  # input documents over all splits
+    text_bytes: int                 # UTF-8 bytes of input text
+    samples_per_shard: int
+    val_fraction: float
+    inputs: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+
+def write_dataset_info(data_dir, info: DatasetInfo) -> pathlib.Path:
+    path = pathlib.Path(data_dir) / INFO_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(info.to_json())
+    tmp.replace(path)
+    return path
+
+
+def read_dataset_info(data_dir) -> DatasetInfo:
+    path = pathlib.Path(data_dir) / INFO_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: missing; {data_dir} is not a prepared data directory. "
+                        "Fix: run `calm-train prepare --input ... --tokenizer ... --out DIR` and point at DIR")
+    try:
+        tree = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err}). Fix: rerun `calm-train prepare`") from err
+    names = {f.name for f in dataclasses.fields(DatasetInfo)}
+    missing = sorted(n for n in names if n not in tree and n not in ("inputs", "format_version"))
+    if missing:
+        raise DataError(f"{path}: missing keys {missing}. Fix: rerun `calm-train prepare` with this version")
+    return DatasetInfo(**{k: v for k, v in tree.items() if k in names})

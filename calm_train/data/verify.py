@@ -1,0 +1,97 @@
+"""Pre-flight check of a prepared directory: every shard's size and xxh64 against its index.json.
+
+mosaicml-streaming hashes shards only when it downloads or decompresses them, and a bad shard then
+gives silently wrong samples, a short epoch or a hang (notes/data_stack.md section 3).  Checking
+before any StreamingDataset exists turns all of those into one DataError naming the file.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import xxhash
+
+from calm_train.data.dataset_info import DataError, DatasetInfo, read_dataset_info
+from calm_train.data.tokenizer import sha256_file
+
+FIX = "Fix: rerun `calm-train prepare` for this directory (or restore it from a good copy)"
+
+
+def xxh64_file(path) -> str:
+    h = xxhash.xxh64()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_index(split_dir) -> dict:
+    path = pathlib.Path(split_dir) / "index.json"
+    if not path.is_file():
+        raise DataError(f"{path}: missing. {FIX}")
+    try:
+        index = json.loads(path.read_text())
+        shards = index["shards"]
+        assert isinstance(shards, list) and shards
+    except (json.JSONDecodeError, KeyError, AssertionError) as err:
+        raise DataError(f"{path}: not an MDS index with shards ({err!r}). {FIX}") from err
+    return index
+
+
+def verify_shards(split_dir, seq_len: int | None = None, require_all: bool = True) -> int:
+    """Check each shard file of one split against index.json; returns the split's sample count.
+
+    A shard counts as present in its compressed (`zip_data`) or raw form; with require_all=False
+    (a loader's local cache) absent shards are allowed, present ones must still match.
+    """
+    split_dir = pathlib.Path(split_dir)
+    index_path = split_dir / "index.json"
+    samples = 0
+    for n, shard in enumerate(read_index(split_dir)["shards"]):
+        samples += int(shard.get("samples", 0))
+        if seq_len is not None and shard.get("column_sizes") != [4 * seq_len]:
+            raise DataError(f"{index_path}: shard {n} holds samples of {shard.get('column_sizes')} bytes, "
+                            f"not seq_len={seq_len} uint32 tokens ({4 * seq_len} bytes). {FIX}")
+        forms = [shard[k] for k in ("zip_data", "raw_data") if shard.get(k)]
+        present = [f for f in forms if (split_dir / f["basename"]).is_file()]
+        if not present:
+            if require_all:
+                raise DataError(f"{split_dir / forms[0]['basename']}: shard file missing (listed in "
+                                f"{index_path}). {FIX}")
+            continue
+        for form in present:
+            path = split_dir / form["basename"]
+            size = path.stat().st_size
+            if size != form["bytes"]:
+                raise DataError(f"{path}: {size} bytes, index.json says {form['bytes']} "
+                                f"({'truncated' if size < form['bytes'] else 'grown'}). {FIX}")
+            want = form.get("hashes", {}).get("xxh64")
+            if want is None:
+                raise DataError(f"{index_path}: shard {form['basename']} has no xxh64 hash. {FIX}")
+            if xxh64_file(path) != want:
+                raise DataError(f"{path}: xxh64 checksum mismatch (corrupted bytes). {FIX}")
+    return samples
+
+
+def verify_dataset(data_dir, splits: list[str] | None = None) -> DatasetInfo:
+    """Verify dataset.json, the tokenizer file and every shard of the named (default: all) splits."""
+    data_dir = pathlib.Path(data_dir)
+    info = read_dataset_info(data_dir)
+    info_path = data_dir / "dataset.json"
+    tok = data_dir / info.tokenizer
+    if not tok.is_file():
+        raise DataError(f"{tok}: tokenizer file missing (named in {info_path}). {FIX}")
+    if sha256_file(tok) != info.tokenizer_sha256:
+        raise DataError(f"{tok}: sha256 differs from {info_path} (tokenizer replaced or corrupted). {FIX}")
+    if info.seq_len % info.patch_size:
+        raise DataError(f"{info_path}: seq_len={info.seq_len} is not a multiple of patch_size="
+                        f"{info.patch_size}. {FIX}")
+    for split in splits if splits is not None else sorted(info.splits):
+        if split not in info.splits:
+            raise DataError(f"{info_path}: no split '{split}' (has {sorted(info.splits)}). "
+                            "Fix: prepare with --val-fraction or --val-input, or name an existing split")
+        samples = verify_shards(data_dir / split, info.seq_len)
+        if samples != info.splits[split]["samples"]:
+            raise DataError(f"{data_dir / split / 'index.json'}: {samples} samples, {info_path} says "
+                            f"{info.splits[split]['samples']} (index mismatch). {FIX}")
+    return info

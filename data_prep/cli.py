@@ -1,0 +1,123 @@
+"""`calm-train prepare`: input text -> tokenizer -> K-aligned packed MDS shards in --out.
+
+One process (with --workers W tokenizer/writer processes):
+    calm-train prepare --input 'data/*.jsonl' --tokenizer train:32768 --out data/prepared
+Split over an array of jobs (e.g. SLURM_ARRAY_TASK_ID), then one merge:
+    calm-train prepare --input ... --tokenizer tok.json --out DIR --shard-index I --num-shards N
+    calm-train prepare --out DIR --merge [--workers W]
+The merged directory holds the same samples, byte for byte, as the single-process run.  `train:VOCAB`
+cannot be trained per task: train it once with --tokenizer-only and pass DIR/tokenizer.json to the tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+from calm_train.data.dataset_info import DataError
+from calm_train.data.tokenizer import load_tokenizer
+from data_prep.bpe import parse_train_spec, train_bpe
+from data_prep.encode import Settings, run_task
+from data_prep.sources import expand_inputs
+from data_prep.write import merge
+
+SHARD_BYTES = 64 << 20
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", default=[], metavar="PATH_OR_GLOB",
+                        help="JSON lines ('text' field), Parquet ('text' column) or plain text files, dirs, globs")
+    parser.add_argument("--tokenizer", metavar="SPEC",
+                        help="a tokenizer.json, a tiktoken BPE file (e.g. Llama 3 tokenizer.model with its "
+                             "tokenizer_config.json beside it), or train:VOCAB (byte-level BPE on the input)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="prepared data directory")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sample, a multiple of K")
+    parser.add_argument("--patch-size", type=int, default=4, help="K: documents start at multiples of K")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="fraction of documents (by content hash) for the val split "
+                             "(default 0.01, or 0 with --val-input)")
+    parser.add_argument("--val-input", nargs="+", default=[], metavar="PATH", help="separate validation input")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer / shard writer processes")
+    parser.add_argument("--samples-per-shard", type=int, default=None,
+                        help="samples per MDS shard (default: ~64 MiB of tokens)")
+    parser.add_argument("--shard-index", type=int, default=None, help="this task's index in an array of tasks")
+    parser.add_argument("--num-shards", type=int, default=None, help="number of tasks in the array")
+    parser.add_argument("--merge", action="store_true", help="merge the finished array tasks in --out")
+    parser.add_argument("--tokenizer-only", action="store_true",
+                        help="only train/copy the tokenizer into --out (for array runs with train:VOCAB)")
+
+
+def _fail(message: str) -> int:
+    print(f"calm-train prepare: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    try:
+        return _prepare(args)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        return _fail(str(err))
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    out = pathlib.Path(args.out)
+    start = time.time()
+    if args.merge:
+        info = merge(out, workers=args.workers)
+        print(json.dumps({"out": str(out), "splits": info.splits, "wall_s": round(time.time() - start, 2)}))
+        return 0
+    if not args.input or not args.tokenizer:
+        return _fail("--input and --tokenizer are required (except with --merge)")
+    if args.seq_len < 1 or args.patch_size < 1 or args.seq_len % args.patch_size:
+        return _fail(f"--seq-len {args.seq_len} is not a positive multiple of --patch-size {args.patch_size}")
+    array = args.shard_index is not None or args.num_shards is not None
+    num_shards = args.num_shards or 1
+    index = args.shard_index or 0
+    if array and not (args.shard_index is not None and args.num_shards and 0 <= index < num_shards):
+        return _fail("--shard-index I and --num-shards N go together, with 0 <= I < N")
+    val_fraction = args.val_fraction if args.val_fraction is not None else (0.0 if args.val_input else 0.01)
+    if not 0 <= val_fraction < 1:
+        return _fail(f"--val-fraction {val_fraction} is not in [0, 1)")
+    inputs = expand_inputs(args.input)
+    val_inputs = expand_inputs(args.val_input) if args.val_input else []
+
+    vocab = parse_train_spec(args.tokenizer)
+    if vocab is not None and array and not args.tokenizer_only:
+        return _fail("train:VOCAB is trained once, not per task. Fix: run prepare --tokenizer-only first, "
+                     f"then pass --tokenizer {out / 'tokenizer.json'} to every task")
+    if vocab is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer.json").write_bytes(train_bpe(inputs, vocab))
+        tokenizer = load_tokenizer(out / "tokenizer.json")
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+    if args.tokenizer_only:
+        path = tokenizer.save(out)
+        print(json.dumps({"tokenizer": str(path), "vocab_size": tokenizer.vocab_size}))
+        return 0
+
+    per_shard = args.samples_per_shard or max(1, SHARD_BYTES // (4 * args.seq_len))
+    settings = Settings(seq_len=args.seq_len, patch_size=args.patch_size, val_fraction=val_fraction,
+                        samples_per_shard=per_shard, inputs=inputs, val_inputs=val_inputs,
+                        num_shards=num_shards, tokenizer_sha256=tokenizer.sha256)
+    run_task(out, settings, tokenizer, index, args.workers)
+    if array:
+        print(json.dumps({"task": index, "num_shards": num_shards, "wall_s": round(time.time() - start, 2)}))
+        return 0
+    info = merge(out, workers=args.workers)
+    print(json.dumps({"out": str(out), "splits": info.splits, "documents": info.documents,
+                      "text_mb": round(info.text_bytes / 1e6, 3), "wall_s": round(time.time() - start, 2)}))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_prepare_arguments(parser)
+    return run_prepare(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Stage 1 of prepare: documents -> K-aligned packed token streams of one task.
+
+Documents are grouped into chunks of ~1 MiB of text in input order (a rule that does not depend on
+the number of workers or tasks).  Chunk c belongs to task c % num_shards, so an array of tasks
+splits the work and `merge` puts the chunks back in order: the result equals a single-process run.
+Each chunk is tokenized in a process pool (spawned, one tokenizer thread each) and appended to the
+task's `train.bin` / `val.bin` (uint32), with per-chunk token counts in `task.json`.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+
+from calm_train.data.tokenizer import Tokenizer, load_tokenizer
+from data_prep.packing import pack_documents
+from data_prep.sources import iter_documents, split_long
+
+CHUNK_BYTES = 1 << 20
+SPLITS = ("train", "val")
+
+
+@dataclass
+class Settings:
+    seq_len: int
+    patch_size: int
+    val_fraction: float
+    samples_per_shard: int
+    inputs: list[str]
+    val_inputs: list[str]
+    num_shards: int
+    tokenizer_sha256: str
+
+
+def task_dir(out: pathlib.Path, index: int, num_shards: int) -> pathlib.Path:
+    return pathlib.Path(out) / ".work" / f"task-{index:05d}-of-{num_shards:05d}"
+
+
+def is_val(text: str, fraction: float) -> bool:
+    """Deterministic split by document content (duplicates land in the same split)."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+    return h < fraction * 2.0**64
+
+
+def iter_chunks(settings: Settings) -> Iterator[tuple[int, bool, list[str]]]:
+    """(chunk index, all-val?, documents) over --input then --val-input."""
+    c = 0
+    for files, all_val in ((settings.inputs, False), (settings.val_inputs, True)):
+        docs, size = [], 0
+        for text in iter_documents(files) if files else ():
+            docs.append(text)
+            size += len(text)
+            if size >= CHUNK_BYTES:
+                yield c, all_val, docs
+                c, docs, size = c + 1, [], 0
+        if docs:
+            yield c, all_val, docs
+            c += 1
+
+
+_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _TOKENIZER
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    _TOKENIZER = load_tokenizer(tokenizer_path)
+
+
+def encode_chunk(job: tuple[int, bool, list[str], float, int]) -> tuple[int, dict, dict]:
+    """Tokenize one chunk; returns (chunk, {split: packed uint32 tokens}, {split: stats})."""
+    c, all_val, docs, val_fraction, patch_size = job
+    tok = _TOKENIZER
+    by_split: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+    stats = {s: collections.Counter() for s in SPLITS}
+    for text in docs:
+        split = "val" if all_val or is_val(text, val_fraction) else "train"
+        ids: list[int] = []
+        for piece in split_long(text):
+            ids += tok.encode(piece)
+        by_split[split].append(ids)
+        stats[split].update(documents=1, text_bytes=len(text.encode("utf-8", "surrogatepass")),
+                            text_tokens=len(ids))
+    packed = {}
+    for split in SPLITS:
+        packed[split] = pack_documents(by_split[split], tok.eos_id, tok.pad_id, patch_size)
+        stats[split]["pad_tokens"] = len(packed[split]) - stats[split]["text_tokens"] - stats[split]["documents"]
+    return c, packed, {s: dict(v) for s, v in stats.items()}
+
+
+def run_task(out: pathlib.Path, settings: Settings, tokenizer: Tokenizer, shard_index: int,
+             workers: int) -> pathlib.Path:
+    """Encode this task's chunks into out/.work/task-I-of-N/; returns that directory."""
+    tdir = task_dir(out, shard_index, settings.num_shards)
+    tdir.mkdir(parents=True, exist_ok=True)
+    (tdir / "task.json").unlink(missing_ok=True)
+    tok_path = tokenizer.save(tdir / "tokenizer")
+    files = {s: open(tdir / f"{s}.bin", "wb") for s in SPLITS}
+    chunks, totals = [], {s: collections.Counter() for s in SPLITS}
+
+    def write(result):
+        c, packed, stats = result
+        for s in SPLITS:
+            files[s].write(packed[s].tobytes())
+            totals[s].update(stats[s])
+        chunks.append([c] + [len(packed[s]) for s in SPLITS])
+
+    seen = [0]
+
+    def my_jobs():
+        for c, all_val, docs in iter_chunks(settings):
+            seen[0] = c + 1
+            if c % settings.num_shards == shard_index:
+                yield c, all_val, docs, settings.val_fraction, settings.patch_size
+
+    jobs = my_jobs()
+    if workers <= 1:
+        _init_worker(str(tok_path))
+        for job in jobs:
+            write(encode_chunk(job))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_path),)) as pool:
+            pending: collections.deque = collections.deque()
+            for job in jobs:
+                if len(pending) >= 2 * workers:
+                    write(pending.popleft().get())
+                pending.append(pool.apply_async(encode_chunk, (job,)))
+            while pending:
+                write(pending.popleft().get())
+    for f in files.values():
+        f.close()
+    record = {"settings": asdict(settings), "shard_index": shard_index, "total_chunks": seen[0],
+              "chunks": chunks, "stats": {s: dict(totals[s]) for s in SPLITS},
+              "tokenizer_files": sorted(tokenizer.files), "tokenizer_main": tokenizer.main}
+    tmp = tdir / "task.json.tmp"
+    tmp.write_text(json.dumps(record, sort_keys=True))
+    tmp.replace(tdir / "task.json")
+    return tdir
