@@ -1,11 +1,18 @@
 """slurm/train.sbatch and slurm/prepare.sbatch on a real 2-node Slurm cluster (see conftest.py)."""
 from __future__ import annotations
 
+import json
 import pathlib
 import re
+import subprocess
+import sys
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+PREPARE_SBATCH = REPO / "slurm" / "prepare.sbatch"
+CALM_TRAIN = (sys.executable, "-m", "calm_train")
 
 
 def test_launcher_runs_one_rank_per_node_and_all_reduces(slurm_cluster, tmp_path):
@@ -18,3 +25,47 @@ def test_launcher_runs_one_rank_per_node_and_all_reduces(slurm_cluster, tmp_path
     assert "node n1: node rank 0 of 2, global ranks 0-0" in log
     assert "node n2: node rank 1 of 2, global ranks 1-1" in log
     assert slurm_cluster.field(job, "ExitCode") == "0:0"
+
+
+# ------------------------------------------------------------------------------------------------
+# data preparation as an array job + dependent merge
+
+
+@pytest.fixture(scope="module")
+def array_prepared(slurm_cluster, shared_data, tmp_path_factory):
+    """wikitext prepared by a 2-task array job and a dependent merge job, and by one local process."""
+    work = tmp_path_factory.mktemp("prepare")
+    text = shared_data / "wikitext" / "wikitext_document_level-test.json"   # 1.3 MB: two 1 MiB input chunks
+    out, ref = work / "array", work / "single"
+    slurm_cluster.run(*CALM_TRAIN, "prepare", "--input", str(text), "--tokenizer", "train:512", "--out", str(out),
+                      "--tokenizer-only")
+    args = ["--input", str(text), "--tokenizer", str(out / "tokenizer.json"), "--seq-len", "64",
+            "--patch-size", "4", "--val-fraction", "0.1", "--samples-per-shard", "1000"]
+    single = subprocess.Popen([*CALM_TRAIN, "prepare", *args, "--out", str(ref)], env=slurm_cluster.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tasks = slurm_cluster.sbatch("--array=0-1", "-o", "prep-%A_%a.log", PREPARE_SBATCH, *args, "--out", out, cwd=work)
+    merge = slurm_cluster.sbatch(f"--dependency=afterok:{tasks}", "-o", "merge-%j.log", PREPARE_SBATCH,
+                                 "--merge", "--out", out, cwd=work)
+    assert single.wait(timeout=240) == 0, single.stdout.read()
+    return {"out": out, "ref": ref, "work": work, "tasks": tasks,
+            "merge": merge, "merge_state": slurm_cluster.wait(merge, timeout=240)}
+
+
+def tree(root: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_array_prepare_equals_single_process_and_verifies(slurm_cluster, array_prepared):
+    work, out, ref = array_prepared["work"], array_prepared["out"], array_prepared["ref"]
+    assert array_prepared["merge_state"] == "COMPLETED", [p.read_text() for p in sorted(work.glob("*.log"))]
+    logs = {i: (work / f"prep-{array_prepared['tasks']}_{i}.log").read_text() for i in (0, 1)}
+    for i, log in logs.items():
+        assert f"--shard-index {i} --num-shards 2" in log and f'"task": {i}, "num_shards": 2' in log, log
+    got, want = tree(out), tree(ref)
+    assert sorted(got) == sorted(want) and len([p for p in got if p.endswith(".mds.zstd")]) >= 10
+    assert [p for p in got if got[p] != want[p]] == []
+    info = json.loads((out / "dataset.json").read_text())
+    assert set(info["splits"]) == {"train", "val"} and info["splits"]["train"]["samples"] > 5000
+    check = subprocess.run([*CALM_TRAIN, "verify-data", str(out)], env=slurm_cluster.env, capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0 and check.stdout.startswith(f"ok: {out}"), check.stdout + check.stderr
