@@ -1,0 +1,166 @@
+"""`calm-train convert SRC DST --to hf|native [--tp N --pp N]`.
+
+--to hf      SRC: a run directory (its latest checkpoint) or a checkpoint directory.
+             AR -> a `LlamaForCausalLM` directory (config.json + model.safetensors);
+             CALM and autoencoder -> the CALM paper's reference release layout (`reference.py`).
+             The tokenizer is written beside, loadable with `AutoTokenizer.from_pretrained(DST)`.
+--to native  SRC: such a directory (ours, the reference release's, or any Llama checkpoint in
+             safetensors or pytorch_model.bin, sharded or not).  DST becomes a checkpoint
+             directory (config.yaml, tokenizer/, model.safetensors, for CALM also
+             autoencoder.safetensors + autoencoder.yaml, manifest.json last) that `eval`,
+             `generate` and `convert --to hf` accept.
+
+`--tp/--pp` (only with --to native) are recorded as the layout to train the checkpoint with
+(config.yaml's parallel.tp/pp and the manifest) and checked against the model's sizes.  They do
+not shard anything: model.safetensors holds the full, layout-free fp32 state dict, and a run
+splits it over its own TP x PP ranks when it loads it.
+
+Every weight is float32; no weight changes value, only names and the QKV / gate-up fusion.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import yaml
+
+from calm_train.config import Config, DataConfig, ModelConfig, ParallelConfig, config_from_tree, to_yaml, validate
+from calm_train.convert import hf_llama, reference
+from calm_train.convert.tokenizer_io import export_tokenizer, import_tokenizer
+from calm_train.convert.weights import ConvertError, check_shapes, find_weights, read_weights, save_weights
+
+DEFAULT_SEQ_LEN = 2048
+
+
+def _empty_destination(dst: pathlib.Path) -> None:
+    if dst.exists() and any(dst.iterdir()):
+        raise ConvertError(f"{dst} exists and is not empty. Fix: choose a new destination directory")
+    dst.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# native -> Hugging Face
+
+
+def export_hf(src, dst) -> pathlib.Path:
+    from safetensors.torch import load_file
+    from calm_train.data.dataset_info import read_dataset_info
+    from calm_train.train.checkpoint import resolve_checkpoint, verify_checkpoint
+    from calm_train.train.inference import load_autoencoder_file
+    ckpt = resolve_checkpoint(src)
+    verify_checkpoint(ckpt)
+    cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    m, native = cfg.model, load_file(str(ckpt / "model.safetensors"))
+    seq_len = read_dataset_info(ckpt / "tokenizer").seq_len
+    dst = pathlib.Path(dst)
+    _empty_destination(dst)
+    special = export_tokenizer(ckpt / "tokenizer", dst)
+    try:
+        if m.kind == "ar":
+            weights = hf_llama.ar_to_hf(native, m.backbone)
+            config = hf_llama.llama_config(m.backbone, m.vocab_size, seq_len, special)
+        elif m.kind == "calm":
+            ae = load_autoencoder_file(ckpt, "cpu")
+            weights = reference.calm_to_reference(native, ae.state_dict(), m)
+            config = {**reference.calm_fields(m, ae.vocab_size), "max_position_embeddings": seq_len // m.patch_size,
+                      **special}
+        else:
+            weights = dict(native)
+            config = {**reference.autoencoder_fields(m.ae, m.vocab_size, m.patch_size), **special}
+    except KeyError as err:
+        raise ConvertError(f"{ckpt}/model.safetensors: key {err} is missing for a {m.kind} model of "
+                           f"{ckpt}/config.yaml. Fix: use the config the checkpoint was saved with") from err
+    save_weights(weights, dst / "model.safetensors")
+    (dst / "config.json").write_text(json.dumps({**config, "seq_len": seq_len}, indent=1) + "\n")
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face -> native
+
+
+def _is_llama(config: dict) -> bool:
+    return config.get("model_type") == "llama" or "LlamaForCausalLM" in config.get("architectures", [])
+
+
+def read_llama(src: pathlib.Path, config: dict) -> tuple[ModelConfig, dict]:
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        reference._field(config, key, src)
+    arch, vocab = hf_llama.arch_from_fields(config), config["vocab_size"]
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ConvertError(f"{src}/config.json: attention_bias/mlp_bias is set; the backbone has no biases. "
+                           "Fix: convert a Llama model without biases")
+    weights = reference._drop_ignored(read_weights(find_weights(src)))
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    check_shapes(weights, hf_llama.ar_hf_shapes(arch, vocab), reference.FIX)
+    return ModelConfig(kind="ar", vocab_size=vocab, backbone=arch), hf_llama.hf_to_ar(weights, arch)
+
+
+def _seq_len(config: dict, tokens_per_position: int, patch_size: int) -> int:
+    """Tokens per training sample: our exports record `seq_len`; else the positions times tokens per position."""
+    tokens = config.get("seq_len")
+    if tokens is None:
+        positions = config.get("max_position_embeddings")
+        tokens = positions * tokens_per_position if positions else DEFAULT_SEQ_LEN
+    return max(patch_size, tokens - tokens % patch_size)
+
+
+def write_manifest(directory: pathlib.Path, extra: dict) -> None:
+    """The checkpoint manager's manifest (every file's size and sha256), written last."""
+    from calm_train.train.checkpoint import FORMAT, MANIFEST, fsync_tree, sha256_file, write_atomic
+    files = {str(p.relative_to(directory)): [p.stat().st_size, sha256_file(p)]
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    fsync_tree(directory)
+    write_atomic(directory / MANIFEST, json.dumps({"format": FORMAT, "step": 0, "files": files, **extra}, indent=1))
+
+
+def import_native(src, dst, tp: int = 1, pp: int = 1) -> pathlib.Path:
+    from safetensors.torch import save_file
+    from calm_train.train.inference import save_autoencoder_file
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    config = reference.read_config(src)
+    ae_state = None
+    if _is_llama(config):
+        model, native = read_llama(src, config)
+        seq_len = _seq_len(config, 1, model.patch_size)
+    elif reference.is_calm_config(config):
+        model, native, ae_state, _ = reference.read_reference_calm(src)
+        model.autoencoder = str(src.resolve())
+        seq_len = _seq_len(config, model.patch_size, model.patch_size)
+    elif reference.is_autoencoder_config(config):
+        model, native, _ = reference.read_reference_autoencoder(src)
+        seq_len = _seq_len(config, 1, model.patch_size)
+    else:
+        raise ConvertError(f"{src}/config.json is neither a Llama model (model_type llama), a CALM model "
+                           "(num_mlp_layers) nor an autoencoder (num_encoder_layers). Fix: point at one of those")
+    cfg = Config(run_dir=f"runs/{dst.name}", model=model, parallel=ParallelConfig(tp=tp, pp=pp),
+                 data=DataConfig(seq_len=seq_len))
+    validate(cfg)
+    _empty_destination(dst)
+    import_tokenizer(src, dst / "tokenizer", model.vocab_size, model.patch_size, seq_len)
+    (dst / "config.yaml").write_text(to_yaml(cfg))
+    save_file({k: v.float().contiguous() for k, v in native.items()}, str(dst / "model.safetensors"))
+    if ae_state is not None:
+        from calm_train.models.autoencoder import Autoencoder
+        ae = Autoencoder(model.ae, ae_state["encoder.embed_tokens.weight"].shape[0], model.patch_size)
+        ae.load_state_dict(ae_state, strict=True)
+        save_autoencoder_file(ae, dst)
+    write_manifest(dst, {"kind": model.kind, "converted_from": str(src), "layout": {"tp": tp, "pp": pp}})
+    return dst
+
+
+def run_convert(src, dst, to: str, tp: int = 1, pp: int = 1) -> int:
+    """The `convert` command; returns the exit status (UserErrors propagate to the CLI)."""
+    if to == "hf":
+        if (tp, pp) != (1, 1):
+            raise ConvertError(f"--tp {tp} --pp {pp} with --to hf: an exported directory has no parallel layout. "
+                               "Fix: drop --tp/--pp (they record the layout for --to native)")
+        out = export_hf(src, dst)
+    elif to == "native":
+        out = import_native(src, dst, tp, pp)
+    else:
+        raise ConvertError(f"--to {to!r} is unknown. Fix: use --to hf or --to native")
+    print(f"converted {src} -> {out} ({'Hugging Face layout' if to == 'hf' else 'native checkpoint'})")
+    return 0
+

@@ -1,0 +1,225 @@
+"""CALM and its autoencoder <-> the layout of the CALM paper's reference release (Hugging Face style).
+
+Autoencoder directory: config.json (patch_size, latent_size, hidden_size, intermediate_size,
+num_encoder_layers, num_decoder_layers, ae_dropout, kl_clamp, kl_weight, vocab_size, rms_norm_eps)
+and weights whose keys are the native ones (encoder.*, decoder.*; the decoder's output layer is
+the encoder's embedding).
+
+CALM directory: config.json (patch_size, latent_size, num_mlp_layers, num_samples, beta,
+noise_size and the backbone's Llama fields) and weights under four prefixes:
+    transformer.   the backbone as a Llama model (embed_tokens, layers.{i}.*, norm)  <-> embed_tokens, backbone.*
+    embed_proj.    Linear, SiLU, Linear, LayerNorm (same names)
+    mlp_generator. the energy head (also read as generative_head.)                 <-> generative_head.*
+    ae_model.      the frozen autoencoder                                            <-> autoencoder.safetensors
+Our exports add `ae_config` (the autoencoder's config) and `num_target_samples` to config.json;
+without `ae_config` the autoencoder's sizes are read off its weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import torch
+
+from calm_train.config import AutoencoderArch, EnergyHeadArch, ModelConfig
+from calm_train.convert.hf_llama import (arch_from_fields, backbone_fields, backbone_to_llama, llama_shapes,
+                                         llama_to_backbone)
+from calm_train.convert.weights import ConvertError, Weights, check_shapes, find_weights, read_weights
+
+AE_PREFIX, HEAD_PREFIX, BACKBONE_PREFIX = "ae_model.", "mlp_generator.", "transformer."
+HEAD_ALIASES = ("generative_head.",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)    # buffers older transformers versions saved
+FIX = "use the config.json that was saved with these weights, or re-export with `calm-train convert --to hf`"
+
+
+def read_config(directory: pathlib.Path) -> dict:
+    path = pathlib.Path(directory) / "config.json"
+    if not path.is_file():
+        raise ConvertError(f"{path} is missing: {directory} is not a Hugging Face-layout directory. Fix: pass a "
+                           "directory with config.json and its weights")
+    return json.loads(path.read_text())
+
+
+def _field(config: dict, key: str, path: pathlib.Path):
+    if key not in config:
+        raise ConvertError(f"{path}/config.json: key '{key}' is missing. Fix: add it (the value the model was "
+                           "trained with)")
+    return config[key]
+
+
+def is_calm_config(config: dict) -> bool:
+    return "num_mlp_layers" in config or "noise_size" in config
+
+
+def is_autoencoder_config(config: dict) -> bool:
+    return "num_encoder_layers" in config and not is_calm_config(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# the autoencoder
+
+
+def autoencoder_fields(arch: AutoencoderArch, vocab_size: int, patch_size: int) -> dict:
+    return {"architectures": ["Autoencoder"], "model_type": "autoencoder", "patch_size": patch_size,
+            "latent_size": arch.latent_size, "hidden_size": arch.hidden_size,
+            "intermediate_size": arch.intermediate_size, "num_encoder_layers": arch.num_encoder_layers,
+            "num_decoder_layers": arch.num_decoder_layers, "ae_dropout": arch.ae_dropout, "kl_clamp": arch.kl_clamp,
+            "kl_weight": arch.kl_weight, "vocab_size": vocab_size, "rms_norm_eps": arch.norm_eps,
+            "mask_prob": arch.mask_prob, "torch_dtype": "float32"}
+
+
+def autoencoder_from_fields(config: dict, path: pathlib.Path) -> tuple[AutoencoderArch, int, int]:
+    """(arch, vocab_size, patch_size); mask_prob, absent from the reference config, keeps our default."""
+    get = lambda key: _field(config, key, path)          # noqa: E731
+    arch = AutoencoderArch(hidden_size=get("hidden_size"), intermediate_size=get("intermediate_size"),
+                           num_encoder_layers=get("num_encoder_layers"), num_decoder_layers=get("num_decoder_layers"),
+                           latent_size=get("latent_size"), ae_dropout=float(config.get("ae_dropout", 0.15)),
+                           mask_prob=float(config.get("mask_prob", AutoencoderArch.mask_prob)),
+                           kl_clamp=float(config.get("kl_clamp", 0.5)), kl_weight=float(config.get("kl_weight", 1e-3)),
+                           norm_eps=float(config.get("rms_norm_eps", 1e-6)))
+    return arch, get("vocab_size"), get("patch_size")
+
+
+def _autoencoder_from_weights(ae: dict[str, torch.Tensor]) -> tuple[AutoencoderArch, int, int]:
+    """Sizes read off an autoencoder's weights (for a CALM release whose config.json omits them)."""
+    vocab, hidden = ae["encoder.embed_tokens.weight"].shape
+    count = lambda part: sum(1 for k in ae if k.startswith(f"{part}.{part}_layers.") and k.endswith("layernorm.weight"))  # noqa: E731
+    arch = AutoencoderArch(hidden_size=hidden, intermediate_size=ae["encoder.encoder_layers.0.mlp.gate_proj.weight"].shape[0],
+                           num_encoder_layers=count("encoder"), num_decoder_layers=count("decoder"),
+                           latent_size=ae["decoder.latent_to_hidden.weight"].shape[1])
+    return arch, vocab, ae["encoder.squeeze_layer.weight"].shape[1] // hidden
+
+
+def autoencoder_shapes(arch: AutoencoderArch, vocab_size: int, patch_size: int) -> dict[str, tuple[int, ...]]:
+    from calm_train.models.autoencoder import Autoencoder
+    with torch.device("meta"):
+        model = Autoencoder(arch, vocab_size, patch_size)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _drop_ignored(weights: Weights) -> Weights:
+    for key in [k for k in weights if k.endswith(IGNORED_SUFFIXES)]:
+        del weights[key]
+    return weights
+
+
+def read_reference_autoencoder_config(directory) -> tuple[AutoencoderArch, int, int, pathlib.Path]:
+    """(arch, vocab_size, patch_size, weights path) of an autoencoder directory, or of a CALM directory's `ae_model`."""
+    directory = pathlib.Path(directory)
+    config = read_config(directory)
+    weights_path = find_weights(directory)
+    if is_autoencoder_config(config):
+        return (*autoencoder_from_fields(config, directory), weights_path)
+    if is_calm_config(config):
+        if "ae_config" in config:
+            return (*autoencoder_from_fields(config["ae_config"], directory), weights_path)
+        return (*_autoencoder_from_weights(_strip(read_weights(weights_path), AE_PREFIX)), weights_path)
+    raise ConvertError(f"{directory}/config.json describes neither an autoencoder (num_encoder_layers) nor a CALM "
+                       "model (num_mlp_layers). Fix: point model.autoencoder at the autoencoder's directory")
+
+
+def _strip(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def load_reference_autoencoder_weights(weights_path) -> dict[str, torch.Tensor]:
+    """The native Autoencoder's state dict from a reference weight file (an autoencoder's, or a CALM's `ae_model.`),
+    checked against the config.json beside it."""
+    weights_path = pathlib.Path(weights_path)
+    arch, vocab, K, _ = read_reference_autoencoder_config(weights_path.parent)
+    weights = _drop_ignored(read_weights(weights_path))
+    if any(k.startswith(AE_PREFIX) for k in weights):
+        weights = Weights(_strip(weights, AE_PREFIX), {k[len(AE_PREFIX):]: f for k, f in weights.origin.items()},
+                          weights.source)
+    check_shapes(weights, autoencoder_shapes(arch, vocab, K), FIX)
+    return dict(weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# CALM
+
+
+def calm_fields(model: ModelConfig, ae_vocab: int) -> dict:
+    head = model.head
+    return {"architectures": ["CALM"], "model_type": "calm", "patch_size": model.patch_size,
+            "latent_size": model.ae.latent_size, "num_mlp_layers": head.num_blocks, "num_samples": head.num_samples,
+            "beta": head.beta, "noise_size": head.noise_size, "num_target_samples": head.num_target_samples,
+            **backbone_fields(model.backbone, model.vocab_size), "torch_dtype": "float32",
+            "ae_config": autoencoder_fields(model.ae, ae_vocab, model.patch_size)}
+
+
+def calm_model_config(config: dict, ae: AutoencoderArch, directory: pathlib.Path) -> ModelConfig:
+    get = lambda key: _field(config, key, directory)     # noqa: E731
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        get(key)
+    head = EnergyHeadArch(num_blocks=get("num_mlp_layers"), noise_size=get("noise_size"),
+                          num_samples=config.get("num_samples", EnergyHeadArch.num_samples),
+                          num_target_samples=config.get("num_target_samples", EnergyHeadArch.num_target_samples),
+                          beta=float(config.get("beta", 1.0)))
+    if get("latent_size") != ae.latent_size:
+        raise ConvertError(f"{directory}/config.json: latent_size {config['latent_size']} differs from its "
+                           f"autoencoder's {ae.latent_size}. Fix: {FIX}")
+    return ModelConfig(kind="calm", vocab_size=get("vocab_size"), patch_size=get("patch_size"),
+                       backbone=arch_from_fields(config), head=head, ae=dataclasses.replace(ae))
+
+
+def calm_reference_shapes(model: ModelConfig, ae_vocab: int) -> dict[str, tuple[int, ...]]:
+    from calm_train.models.energy import EnergyHead
+    H, K = model.backbone.hidden_size, model.patch_size
+    with torch.device("meta"):
+        head = EnergyHead(H, model.ae.latent_size, model.head)
+    return {**llama_shapes(model.backbone, model.vocab_size, BACKBONE_PREFIX),
+            "embed_proj.0.weight": (2 * H, K * H), "embed_proj.0.bias": (2 * H,), "embed_proj.2.weight": (H, 2 * H),
+            "embed_proj.2.bias": (H,), "embed_proj.3.weight": (H,), "embed_proj.3.bias": (H,),
+            **{HEAD_PREFIX + k: tuple(v.shape) for k, v in head.state_dict().items()},
+            **{AE_PREFIX + k: s for k, s in autoencoder_shapes(model.ae, ae_vocab, K).items()}}
+
+
+def calm_to_reference(native: dict[str, torch.Tensor], ae: dict[str, torch.Tensor], model: ModelConfig) -> dict:
+    out = {BACKBONE_PREFIX + "embed_tokens.weight": native["embed_tokens.weight"],
+           **backbone_to_llama(native, model.backbone, BACKBONE_PREFIX)}
+    out.update({k: v for k, v in native.items() if k.startswith("embed_proj.")})
+    out.update({HEAD_PREFIX + k: v for k, v in _strip(native, "generative_head.").items()})
+    out.update({AE_PREFIX + k: v for k, v in ae.items()})
+    return out
+
+
+def reference_to_calm(ref: dict[str, torch.Tensor], model: ModelConfig) -> tuple[dict, dict]:
+    """(CALM state dict, autoencoder state dict) in native names."""
+    native = {"embed_tokens.weight": ref[BACKBONE_PREFIX + "embed_tokens.weight"],
+              **llama_to_backbone(ref, model.backbone, BACKBONE_PREFIX)}
+    native.update({k: v for k, v in ref.items() if k.startswith("embed_proj.")})
+    native.update({"generative_head." + k: v for k, v in _strip(ref, HEAD_PREFIX).items()})
+    return native, _strip(ref, AE_PREFIX)
+
+
+def _canonical_head_names(weights: Weights) -> Weights:
+    for alias in HEAD_ALIASES:
+        for key in [k for k in weights if k.startswith(alias)]:
+            new = HEAD_PREFIX + key[len(alias):]
+            weights[new] = weights.pop(key)
+            weights.origin[new] = weights.origin.pop(key, weights.source)
+    return weights
+
+
+def read_reference_calm(directory: pathlib.Path) -> tuple[ModelConfig, dict, dict, dict]:
+    """(model config, CALM state dict, autoencoder state dict, config.json) of a CALM release directory."""
+    config = read_config(directory)
+    ae_arch, ae_vocab, ae_k, weights_path = read_reference_autoencoder_config(directory)
+    model = calm_model_config(config, ae_arch, directory)
+    if ae_k != model.patch_size:
+        raise ConvertError(f"{directory}/config.json: patch_size {model.patch_size} differs from its autoencoder's "
+                           f"{ae_k}. Fix: {FIX}")
+    weights = _canonical_head_names(_drop_ignored(read_weights(weights_path)))
+    check_shapes(weights, calm_reference_shapes(model, ae_vocab), FIX)
+    native, ae = reference_to_calm(weights, model)
+    return model, native, ae, config
+
+
+def read_reference_autoencoder(directory: pathlib.Path) -> tuple[ModelConfig, dict, dict]:
+    """(model config, autoencoder state dict, config.json) of an autoencoder release directory."""
+    config = read_config(directory)
+    arch, vocab, K, weights_path = read_reference_autoencoder_config(directory)
+    model = ModelConfig(kind="autoencoder", vocab_size=vocab, patch_size=K, ae=arch)
+    return model, load_reference_autoencoder_weights(weights_path), config

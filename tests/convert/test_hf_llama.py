@@ -1,0 +1,123 @@
+"""AR baseline <-> transformers' LlamaForCausalLM: same logits, same greedy tokens, loadable tokenizer, round trip."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from calm_train.config import ConfigError
+from calm_train.convert.cli import run_convert
+from calm_train.convert.hf_llama import fuse_qkv, split_qkv
+from calm_train.convert.weights import ConvertError
+from calm_train.data.tokenizer import load_tokenizer
+from calm_train.models.ar import ARModel
+from calm_train.models.generate import generate_ar
+from calm_train.parallel import runtime
+from calm_train.train.checkpoint import verify_checkpoint
+from calm_train.train.inference import load_for_inference
+
+from .conftest import native_state, tiny_model_config, write_checkpoint
+
+TEXT = "The lazy fox predicts the next vector: 12345 words."
+
+
+@pytest.fixture(scope="module")
+def world():
+    with runtime.single_process(seed=0) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def ar(world, bpe_tokenizer_file, tmp_path_factory):
+    """(model, checkpoint dir, exported dir)."""
+    vocab = load_tokenizer(bpe_tokenizer_file).vocab_size
+    model = ARModel(tiny_model_config("ar", vocab)).eval()
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("ar_run"), tiny_model_config("ar", vocab), model,
+                            bpe_tokenizer_file)
+    exported = tmp_path_factory.mktemp("ar_hf") / "hf"
+    assert run_convert(ckpt.parent.parent, exported, to="hf") == 0
+    return model, ckpt, exported
+
+
+def test_qkv_split_inverts_fuse_and_follows_megatron_groups():
+    arch = tiny_model_config("ar", 8).backbone                     # 4 query heads, 2 groups, head_dim 8
+    rows = torch.arange(64.0)[:, None].expand(64, 32)              # row r holds the value r
+    q, k, v = split_qkv(rows, arch)
+    # group 0: rows 0-15 = q heads 0,1; 16-23 = k0; 24-31 = v0; group 1: 32-47 q heads 2,3; 48-55 k1; 56-63 v1
+    assert q[:, 0].tolist() == list(range(0, 16)) + list(range(32, 48))
+    assert k[:, 0].tolist() == list(range(16, 24)) + list(range(48, 56))
+    assert v[:, 0].tolist() == list(range(24, 32)) + list(range(56, 64))
+    assert torch.equal(fuse_qkv(q, k, v, arch), rows)
+
+
+def test_exported_llama_gives_our_logits(ar):
+    from transformers import LlamaForCausalLM
+    model, _, exported = ar
+    hf = LlamaForCausalLM.from_pretrained(exported, torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.model_cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model.logits(tokens), hf(tokens).logits
+    assert ours.abs().max() > 1.0                                  # not a degenerate near-zero model
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_greedy_generation_matches_transformers(ar):
+    from transformers import LlamaForCausalLM
+    model, ckpt, exported = ar
+    hf = LlamaForCausalLM.from_pretrained(exported, torch_dtype=torch.float32).eval()
+    prompt = load_tokenizer(ckpt / "tokenizer" / "tokenizer.json").encode(TEXT)
+    ours = generate_ar(model, prompt, 20, temperature=0.0, seed=0)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                          eos_token_id=None, pad_token_id=0)
+    assert out[0, len(prompt):].tolist() == ours
+    assert len(set(ours)) > 1
+
+
+def test_auto_tokenizer_loads_from_the_export(ar):
+    from transformers import AutoTokenizer
+    _, ckpt, exported = ar
+    ours = load_tokenizer(ckpt / "tokenizer" / "tokenizer.json")
+    theirs = AutoTokenizer.from_pretrained(exported)
+    assert theirs.encode(TEXT, add_special_tokens=False) == ours.encode(TEXT)
+    assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.pad_id)
+    config = json.loads((exported / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"]) == (ours.eos_id, ours.pad_id)
+
+
+def test_tiktoken_tokenizer_exports_as_fast_tokenizer(world, tiktoken_file, tmp_path):
+    from transformers import AutoTokenizer
+    tok = load_tokenizer(tiktoken_file)
+    assert tok.backend == "tiktoken"
+    model = ARModel(tiny_model_config("ar", tok.vocab_size)).eval()
+    ckpt = write_checkpoint(tmp_path / "run", tiny_model_config("ar", tok.vocab_size), model, tiktoken_file)
+    run_convert(ckpt, tmp_path / "hf", to="hf")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs.encode(TEXT, add_special_tokens=False) == tok.encode(TEXT)
+    assert theirs.convert_tokens_to_ids("<|pad|>") == tok.pad_id == tok.vocab_size - 1
+
+
+def test_import_round_trip_is_exact_and_loads_for_inference(ar, tmp_path):
+    model, ckpt, exported = ar
+    back = tmp_path / "native"
+    run_convert(exported, back, to="native", tp=2, pp=2)
+    manifest = verify_checkpoint(back)
+    assert manifest["layout"] == {"tp": 2, "pp": 2} and manifest["kind"] == "ar"
+    saved = yaml.safe_load((back / "config.yaml").read_text())
+    assert (saved["parallel"]["tp"], saved["parallel"]["pp"]) == (2, 2)
+    loaded = load_for_inference(str(back), torch.device("cpu"))
+    for key, value in native_state(model).items():
+        assert torch.equal(native_state(loaded.model)[key], value), key
+    tokens = torch.randint(0, model.model_cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded.model.logits(tokens), model.logits(tokens))
+    assert loaded.tokenizer.encode(TEXT) == load_tokenizer(ckpt / "tokenizer" / "tokenizer.json").encode(TEXT)
+
+
+def test_layout_that_does_not_fit_the_model_is_rejected_before_writing(ar, tmp_path):
+    _, _, exported = ar
+    with pytest.raises(ConfigError, match="parallel.tp"):
+        run_convert(exported, tmp_path / "bad", to="native", tp=3)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConvertError, match="--to native"):
+        run_convert(exported, tmp_path / "bad", to="hf", tp=2)
