@@ -20,7 +20,8 @@ def _prepare(args) -> int:
 def _verify(args) -> int:
     from calm_train.data.verify import verify_dataset
     info = verify_dataset(args.dir)
-    print(f"ok: {args.dir}: {info.summary()}")
+    splits = ", ".join(f"{name} {split['samples']} samples" for name, split in sorted(info.splits.items()))
+    print(f"ok: {args.dir}: {splits} of {info.seq_len} tokens, vocab {info.vocab_size}, K={info.patch_size}")
     return 0
 
 
@@ -104,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from calm_train.errors import UserError
+    from calm_train.errors import user_errors
     try:
         return int(args.func(args) or 0)
-    except UserError as err:
+    except user_errors() as err:
         print(f"calm-train {args.command}: error: {err}", file=sys.stderr)
         return 1
 

@@ -21,3 +21,24 @@ def shared_data() -> pathlib.Path:
     if not path.is_dir():
         pytest.skip(f"shared data directory {path} is absent (it sits beside the checkout in CI)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> pathlib.Path:
+    """About 150 KB of real English prose (Python's language reference topics), as JSON lines."""
+    import json
+    from pydoc_data import topics
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    docs = [topics.topics[name] for name in sorted(topics.topics)][:60]
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_corpus, tmp_path_factory) -> pathlib.Path:
+    """A prepared data directory (byte-level BPE 512, seq-len 32, K=4, 10% validation) shared by the session."""
+    from calm_train.cli import main
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    assert main(["prepare", "--input", str(tiny_corpus), "--tokenizer", "train:512", "--out", str(out),
+                 "--seq-len", "32", "--patch-size", "4", "--val-fraction", "0.1"]) == 0
+    return out

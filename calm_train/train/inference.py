@@ -24,19 +24,6 @@ class Loaded:
     checkpoint: pathlib.Path
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
-    """The whole (single-stage, TP=1) model of a config; needs an initialised runtime for CALM/AR."""
-    m = cfg.model
-    if m.kind == "autoencoder":
-        from calm_train.models.autoencoder import Autoencoder
-        return Autoencoder(m.ae, m.vocab_size, m.patch_size, m.init_std)
-    if m.kind == "calm":
-        from calm_train.models.calm import CALM
-        return CALM(m)
-    from calm_train.models.ar import ARModel
-    return ARModel(m)
-
-
 def load_autoencoder_file(directory: pathlib.Path, device) -> torch.nn.Module:
     from safetensors.torch import load_file
     from calm_train.models.autoencoder import Autoencoder
@@ -63,7 +50,9 @@ def load_for_inference(spec: str, device) -> Loaded:
     ckpt = resolve_checkpoint(spec)
     verify_checkpoint(ckpt)
     cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    model = build_model(cfg)
+    from calm_train.train.tasks import task_for
+    autoencoder = load_autoencoder_file(ckpt, device) if cfg.model.kind == "calm" else None
+    model = task_for(cfg, autoencoder).build_model(cfg)
     state = load_file(str(ckpt / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -71,7 +60,6 @@ def load_for_inference(spec: str, device) -> Loaded:
         raise UserError(f"{ckpt}/model.safetensors does not fit the model in {ckpt}/config.yaml (missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}). Fix: use the config it was saved with")
     model = model.to(device).eval()
-    autoencoder = load_autoencoder_file(ckpt, device) if cfg.model.kind == "calm" else None
     return Loaded(cfg, model, autoencoder, load_run_tokenizer(ckpt / "tokenizer"), ckpt)
 
 

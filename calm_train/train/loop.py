@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from calm_train.config import Config, data_parallel_size, to_dict, to_yaml, validate, validate_layout
-from calm_train.errors import UserError
+from calm_train.errors import UserError, user_errors
 from calm_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from calm_train.train.flops import measure_peak_flops, train_flops_per_token
 from calm_train.train.logbook import Logbook
@@ -92,7 +92,7 @@ class Run:
                 verify_dataset(self.cfg.data.train)
                 if self.cfg.data.val:
                     verify_dataset(self.cfg.data.val)
-            except UserError as err:
+            except user_errors() as err:
                 error = str(err)
         error = broadcast_object(error)
         if error:
@@ -109,9 +109,8 @@ class Run:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             tokenizer_dir = self.run_dir / "tokenizer"
             tokenizer_dir.mkdir(exist_ok=True)
-            shutil.copy2(pathlib.Path(self.cfg.data.train) / self.info.tokenizer, tokenizer_dir / self.info.tokenizer)
-            for extra in self.info.tokenizer_extra_files():
-                shutil.copy2(pathlib.Path(self.cfg.data.train) / extra, tokenizer_dir / extra)
+            for name in self.info.tokenizer_files:
+                shutil.copy2(pathlib.Path(self.cfg.data.train) / name, tokenizer_dir / name)
             shutil.copy2(pathlib.Path(self.cfg.data.train) / "dataset.json", tokenizer_dir / "dataset.json")
         dist.barrier()
         return latest

@@ -1,0 +1,172 @@
+"""End-to-end runs of `calm-train train` (real processes, real shards, real DeepSpeed engines):
+the run-directory contract, CALM against a frozen autoencoder, exact resume after SIGUSR1 and
+after kill -9 at several random steps, eval/generate on the checkpoints, and bad input."""
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+RESUME_STEPS = 10
+KILL_STEPS = sorted(random.Random(2026).sample(range(2, RESUME_STEPS), 3))   # >= 3 random kill points
+
+
+def calm_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "calm_train", *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"calm-train {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "calm_train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def metrics(run_dir: pathlib.Path, name: str = "metrics.jsonl") -> list[dict]:
+    path = run_dir / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: pathlib.Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = metrics(run_dir)
+        if rows and rows[-1]["step"] >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (exit {proc.returncode}) before step {step}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def trajectory(run_dir: pathlib.Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["tokens"]) for r in metrics(run_dir)]
+
+
+def final_weights(run_dir: pathlib.Path) -> dict:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), f"{key} differs"
+
+
+@pytest.fixture(scope="module")
+def ae_run(tiny_data, tmp_path_factory) -> pathlib.Path:
+    run = tmp_path_factory.mktemp("runs") / "ae"
+    calm_train("train", "tiny_autoencoder", f"run_dir={run}", f"data.train={tiny_data}", "train.steps=30",
+               "train.save_every=15", "train.eval_every=15", "logging.progress=false")
+    return run
+
+
+def calm_args(run: pathlib.Path, data: pathlib.Path, ae: pathlib.Path, *extra: str) -> list[str]:
+    return ["train", "tiny_calm", f"run_dir={run}", f"data.train={data}", f"model.autoencoder={ae}",
+            "logging.progress=false", *extra]
+
+
+def test_autoencoder_run_follows_the_run_directory_contract(ae_run):
+    rows = metrics(ae_run)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "samples", "elapsed_s",
+                "skipped_steps", "mfu", "flops"):
+        assert key in rows[-1], key
+    assert rows[-1]["tokens"] == 30 * 8 * 32 and rows[-1]["samples"] == 30 * 8
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    evals = metrics(ae_run, "eval.jsonl")
+    assert [e["step"] for e in evals] == [15, 30]
+    assert 0 < evals[-1]["recon_acc"] <= 1 and evals[-1]["recon_acc"] > evals[0]["recon_acc"] - 0.05
+    assert (ae_run / "config.yaml").is_file() and (ae_run / "tokenizer" / "dataset.json").is_file()
+    assert (ae_run / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+    assert (ae_run / "checkpoints" / "step_00000015" / "manifest.json").is_file()
+
+
+def test_calm_trains_against_a_frozen_autoencoder(ae_run, tiny_data, tmp_path):
+    run = tmp_path / "calm"
+    calm_train(*calm_args(run, tiny_data, ae_run, "train.steps=24", "train.eval_every=12"))
+    losses = [r["loss"] for r in metrics(run)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    evals = metrics(run, "eval.jsonl")
+    assert [e["step"] for e in evals] == [12, 24]
+    for e in evals:
+        assert all(key in e for key in ("loss", "brier1", "brier2", "brier3", "brier4", "brierlm"))
+        assert e["brierlm"] >= 0 and -1 <= e["brier1"] <= 1
+    ckpt = run / "checkpoints" / "step_00000024"
+    frozen = load_file(str(ckpt / "autoencoder.safetensors"))
+    assert_same_weights(frozen, final_weights(ae_run))                      # bit-identical after training
+    assert not any(k.startswith(("ae_model.", "autoencoder.")) for k in load_file(str(ckpt / "model.safetensors")))
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["autoencoder"]["sha256"] and state["progress"]["step"] == 24
+
+    out = calm_train("eval", str(run), "--max-tokens", "512")
+    result = json.loads(out.stdout)
+    assert result["kind"] == "calm" and 0 <= result["brierlm"] <= 100
+    text = calm_train("generate", str(run), "--prompt", "The module", "--temperature", "0.5",
+                      "--max-new-tokens", "8").stdout
+    assert text.strip()
+
+
+@pytest.fixture(scope="module")
+def reference_calm(ae_run, tiny_data, tmp_path_factory) -> pathlib.Path:
+    run = tmp_path_factory.mktemp("runs") / "calm_reference"
+    calm_train(*calm_args(run, tiny_data, ae_run, f"train.steps={RESUME_STEPS}", "train.save_every=2"))
+    return run
+
+
+def test_sigusr1_saves_exits_75_and_resumes_exactly(reference_calm, ae_run, tiny_data, tmp_path):
+    run = tmp_path / "calm_usr1"
+    args = calm_args(run, tiny_data, ae_run, f"train.steps={RESUME_STEPS}", "train.save_every=2")
+    proc = start(*args)
+    wait_for_step(proc, run, 5)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 75, proc.stderr.read()[-3000:]
+    saved = (run / "checkpoints" / "latest").read_text().strip()
+    assert int(saved.split("_")[1]) >= 5
+    calm_train(*args)
+    assert trajectory(run) == trajectory(reference_calm)
+    assert_same_weights(final_weights(run), final_weights(reference_calm))
+
+
+def test_kill9_at_random_steps_resumes_bit_exactly(reference_calm, ae_run, tiny_data, tmp_path):
+    run = tmp_path / "calm_kill9"
+    args = calm_args(run, tiny_data, ae_run, f"train.steps={RESUME_STEPS}", "train.save_every=2")
+    for kill_step in KILL_STEPS:
+        proc = start(*args)
+        wait_for_step(proc, run, kill_step)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    calm_train(*args)
+    assert trajectory(run) == trajectory(reference_calm)
+    assert_same_weights(final_weights(run), final_weights(reference_calm))
+
+
+def test_ar_run_eval_and_generate(tiny_data, tmp_path):
+    run = tmp_path / "ar"
+    calm_train("train", "tiny_ar", f"run_dir={run}", f"data.train={tiny_data}", "train.steps=12",
+               "train.eval_every=6", "logging.progress=false")
+    evals = metrics(run, "eval.jsonl")
+    assert [e["step"] for e in evals] == [6, 12] and 0 <= evals[-1]["brierlm"] <= 100
+    greedy = [calm_train("generate", str(run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "6").stdout
+              for _ in range(2)]
+    assert greedy[0] == greedy[1] and greedy[0].strip()
+
+
+def test_bad_inputs_fail_fast_naming_the_file(ae_run, tiny_data, tmp_path):
+    missing = tmp_path / "no_data"
+    proc = calm_train("train", "tiny_ar", f"run_dir={tmp_path / 'r1'}", f"data.train={missing}", check=False)
+    assert proc.returncode == 1 and str(missing) in proc.stderr and "Fix" in proc.stderr
+    proc = calm_train(*calm_args(tmp_path / "r2", tiny_data, tmp_path / "no_ae"), check=False)
+    assert proc.returncode == 1 and "model.autoencoder" in proc.stderr
+    proc = calm_train(*calm_args(tmp_path / "r3", tiny_data, ae_run, "model.ae.latent_size=8"), check=False)
+    assert proc.returncode == 1 and "model.ae.latent_size" in proc.stderr
+    proc = calm_train("eval", str(tmp_path / "nothing"), check=False)
+    assert proc.returncode == 1 and "nothing" in proc.stderr
