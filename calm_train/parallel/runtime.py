@@ -52,6 +52,8 @@ def _init_process_group(backend: str, device: torch.device, from_env: bool) -> N
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if backend == "nccl":   # NCCL takes CUDA tensors only: small CPU collectives (losses, flags) go through gloo
+        backend = "cuda:nccl,cpu:gloo"
     if from_env and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)                  # env:// as set by torchrun / srun launcher
     else:
