@@ -60,7 +60,7 @@ class Pipeline:
             else:
                 inputs = torch.empty(between, micro, hidden, dtype=self.dtype, device="meta", requires_grad=True)
             out_len = positions if w.is_last_stage else between
-            outputs = torch.empty(out_len, micro, hidden, dtype=self.dtype, device="meta")
+            outputs = torch.empty(out_len, micro, hidden, dtype=self.dtype, device="meta", requires_grad=True)
             stage = PipelineStage(self.stage_module, w.pp_rank, w.pp_size, w.device, input_args=(inputs,),
                                   output_args=(outputs,), group=ps.get_pipeline_model_parallel_group())
             self._schedules[key] = Schedule1F1B(stage, n_micro, loss_fn=self._loss, scale_grads=False)
