@@ -73,7 +73,7 @@ def reference(kind: str):
         for tok, sid in chunks:
             loss = task.loss(model, tok, SampleRNG(sample_seeds(t.seed, step, sid)))
             (loss / len(chunks)).backward()
-            total += float(loss)
+            total += float(loss.detach())
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)))
         opt.step()
         losses.append(total / len(chunks))

@@ -72,7 +72,9 @@ def test_non_finite_step_is_skipped(results, case):
     r = results["ar", case]
     assert not r["good"].skipped and r["bad"].skipped
     assert r["unchanged"] and r["same_optimizer_state"]
-    assert r["again"].skipped is False and r["again"].loss == pytest.approx(4.121043, rel=1e-5)
+    # the retried step sees the first step's batch again: lower loss, the same in every layout
+    assert not r["again"].skipped and r["again"].loss < r["good"].loss
+    assert r["again"].loss == pytest.approx(results["ar", "skip_zero0"]["again"].loss, rel=LOSS_RTOL)
 
 
 @pytest.mark.parametrize("case", ["resume_tp2_pp2", "resume_dp4_zero3"])
