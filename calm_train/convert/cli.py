@@ -85,12 +85,12 @@ def _is_llama(config: dict) -> bool:
 
 def read_llama(src: pathlib.Path, config: dict) -> tuple[ModelConfig, dict]:
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        reference._field(config, key, src)
+        reference.config_field(config, src, key)
     arch, vocab = hf_llama.arch_from_fields(config), config["vocab_size"]
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise ConvertError(f"{src}/config.json: attention_bias/mlp_bias is set; the backbone has no biases. "
                            "Fix: convert a Llama model without biases")
-    weights = reference._drop_ignored(read_weights(find_weights(src)))
+    weights = reference.drop_ignored(read_weights(find_weights(src)))
     if config.get("tie_word_embeddings") and "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     check_shapes(weights, hf_llama.ar_hf_shapes(arch, vocab), reference.FIX)

@@ -59,7 +59,8 @@ def backbone_to_llama(native: dict[str, torch.Tensor], arch: BackboneArch, prefi
         n, h = NATIVE_LAYER.format(i), f"{prefix}layers.{i}."
         out.update({dst: native[src] for src, dst in _layer_pairs(i, prefix)})
         q, k, v = split_qkv(native[n + "self_attention.linear_qkv.weight"], arch)
-        out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v})
+        out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k,
+                    h + "self_attn.v_proj.weight": v})
         gate, up = native[n + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out.update({h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up})
     out[prefix + "norm.weight"] = native[NATIVE_NORM]
@@ -71,8 +72,8 @@ def llama_to_backbone(hf: dict[str, torch.Tensor], arch: BackboneArch, prefix: s
     for i in range(arch.num_layers):
         n, h = NATIVE_LAYER.format(i), f"{prefix}layers.{i}."
         out.update({src: hf[dst] for src, dst in _layer_pairs(i, prefix)})
-        out[n + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"], hf[h + "self_attn.v_proj.weight"], arch)
+        q, k, v = (hf[f"{h}self_attn.{x}_proj.weight"] for x in "qkv")
+        out[n + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, arch)
         out[n + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
     out[NATIVE_NORM] = hf[prefix + "norm.weight"]
     return out

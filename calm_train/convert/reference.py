@@ -17,6 +17,7 @@ without `ae_config` the autoencoder's sizes are read off its weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 
@@ -41,7 +42,7 @@ def read_config(directory: pathlib.Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _field(config: dict, key: str, path: pathlib.Path):
+def config_field(config: dict, path: pathlib.Path, key: str):
     if key not in config:
         raise ConvertError(f"{path}/config.json: key '{key}' is missing. Fix: add it (the value the model was "
                            "trained with)")
@@ -71,7 +72,7 @@ def autoencoder_fields(arch: AutoencoderArch, vocab_size: int, patch_size: int) 
 
 def autoencoder_from_fields(config: dict, path: pathlib.Path) -> tuple[AutoencoderArch, int, int]:
     """(arch, vocab_size, patch_size); mask_prob, absent from the reference config, keeps our default."""
-    get = lambda key: _field(config, key, path)          # noqa: E731
+    get = functools.partial(config_field, config, path)
     arch = AutoencoderArch(hidden_size=get("hidden_size"), intermediate_size=get("intermediate_size"),
                            num_encoder_layers=get("num_encoder_layers"), num_decoder_layers=get("num_decoder_layers"),
                            latent_size=get("latent_size"), ae_dropout=float(config.get("ae_dropout", 0.15)),
@@ -84,8 +85,12 @@ def autoencoder_from_fields(config: dict, path: pathlib.Path) -> tuple[Autoencod
 def _autoencoder_from_weights(ae: dict[str, torch.Tensor]) -> tuple[AutoencoderArch, int, int]:
     """Sizes read off an autoencoder's weights (for a CALM release whose config.json omits them)."""
     vocab, hidden = ae["encoder.embed_tokens.weight"].shape
-    count = lambda part: sum(1 for k in ae if k.startswith(f"{part}.{part}_layers.") and k.endswith("layernorm.weight"))  # noqa: E731
-    arch = AutoencoderArch(hidden_size=hidden, intermediate_size=ae["encoder.encoder_layers.0.mlp.gate_proj.weight"].shape[0],
+
+    def count(part: str) -> int:
+        return sum(1 for k in ae if k.startswith(f"{part}.{part}_layers.") and k.endswith(".layernorm.weight"))
+
+    arch = AutoencoderArch(hidden_size=hidden,
+                           intermediate_size=ae["encoder.encoder_layers.0.mlp.gate_proj.weight"].shape[0],
                            num_encoder_layers=count("encoder"), num_decoder_layers=count("decoder"),
                            latent_size=ae["decoder.latent_to_hidden.weight"].shape[1])
     return arch, vocab, ae["encoder.squeeze_layer.weight"].shape[1] // hidden
@@ -98,7 +103,7 @@ def autoencoder_shapes(arch: AutoencoderArch, vocab_size: int, patch_size: int) 
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _drop_ignored(weights: Weights) -> Weights:
+def drop_ignored(weights: Weights) -> Weights:
     for key in [k for k in weights if k.endswith(IGNORED_SUFFIXES)]:
         del weights[key]
     return weights
@@ -114,7 +119,11 @@ def read_reference_autoencoder_config(directory) -> tuple[AutoencoderArch, int, 
     if is_calm_config(config):
         if "ae_config" in config:
             return (*autoencoder_from_fields(config["ae_config"], directory), weights_path)
-        return (*_autoencoder_from_weights(_strip(read_weights(weights_path), AE_PREFIX)), weights_path)
+        ae = _strip(read_weights(weights_path), AE_PREFIX)
+        if not ae:
+            raise ConvertError(f"{weights_path} holds no {AE_PREFIX}* weights and {directory}/config.json no "
+                               "ae_config. Fix: point at the autoencoder's own directory")
+        return (*_autoencoder_from_weights(ae), weights_path)
     raise ConvertError(f"{directory}/config.json describes neither an autoencoder (num_encoder_layers) nor a CALM "
                        "model (num_mlp_layers). Fix: point model.autoencoder at the autoencoder's directory")
 
@@ -128,7 +137,7 @@ def load_reference_autoencoder_weights(weights_path) -> dict[str, torch.Tensor]:
     checked against the config.json beside it."""
     weights_path = pathlib.Path(weights_path)
     arch, vocab, K, _ = read_reference_autoencoder_config(weights_path.parent)
-    weights = _drop_ignored(read_weights(weights_path))
+    weights = drop_ignored(read_weights(weights_path))
     if any(k.startswith(AE_PREFIX) for k in weights):
         weights = Weights(_strip(weights, AE_PREFIX), {k[len(AE_PREFIX):]: f for k, f in weights.origin.items()},
                           weights.source)
@@ -150,7 +159,7 @@ def calm_fields(model: ModelConfig, ae_vocab: int) -> dict:
 
 
 def calm_model_config(config: dict, ae: AutoencoderArch, directory: pathlib.Path) -> ModelConfig:
-    get = lambda key: _field(config, key, directory)     # noqa: E731
+    get = functools.partial(config_field, config, directory)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         get(key)
     head = EnergyHeadArch(num_blocks=get("num_mlp_layers"), noise_size=get("noise_size"),
@@ -211,7 +220,7 @@ def read_reference_calm(directory: pathlib.Path) -> tuple[ModelConfig, dict, dic
     if ae_k != model.patch_size:
         raise ConvertError(f"{directory}/config.json: patch_size {model.patch_size} differs from its autoencoder's "
                            f"{ae_k}. Fix: {FIX}")
-    weights = _canonical_head_names(_drop_ignored(read_weights(weights_path)))
+    weights = _canonical_head_names(drop_ignored(read_weights(weights_path)))
     check_shapes(weights, calm_reference_shapes(model, ae_vocab), FIX)
     native, ae = reference_to_calm(weights, model)
     return model, native, ae, config
