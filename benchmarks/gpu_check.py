@@ -7,17 +7,18 @@ writes DIR/<section>.json as soon as it ends):
 
   env        versions, device, the measured bf16 GEMM peaks (calm_train.train.flops.measure_peak_flops,
              and a large 8192^3 product timed with events)
-  attention  the project's core attention (SDPACoreAttention, [S, B, H, D]) under each forced torch SDPA
-             backend vs SDPA-MATH in fp32 on the upcast inputs: max |err| and ||err|| / ||ref|| of the
-             output and of dq, dk, dv; forward and forward+backward times
+  attention  the project's core attention (SDPACoreAttention, [S, B, H, D]) with torch's own SDPA choice
+             (sdpa-default: what the model runs when flash_attn is absent) and each forced SDPA backend, vs
+             SDPA-MATH in fp32 on the upcast inputs: max |err| and ||err|| / ||ref|| of the output and of
+             dq, dk, dv; forward and forward+backward times
   calm_step  bf16 CALM-M optimizer step through calm_train.parallel.engine.TrainEngine (DeepSpeed) with a
              random frozen autoencoder of the paper's size: step time, tokens/s, MFU, peak memory
   ar_step    the same for the Transformer-M baseline at 2048 tokens
   energy     the project's energy_score vs a naive one that materialises [B, T, N, M, D]: memory, time, error
 
 MFU = train_flops_per_token x tokens/s / peak, against the H200's dense bf16 spec (989 TFLOP/s) and the
-two measured peaks.  --smoke runs the same code with tiny sizes on CPU (fp32); GPU-only numbers are
-recorded as null with the reason.
+two measured peaks.  --smoke runs the same code with tiny sizes on CPU (fp32); GPU-only numbers
+(memory, MFU vs the spec) are null there.  --plain measures the steps without the engine.
 """
 from __future__ import annotations
 
@@ -64,6 +65,14 @@ SIZES = {
 }
 
 
+REPORT: list[str] = []      # every result line, printed as it comes and again as the final table
+
+
+def report(line: str) -> None:
+    print(line)
+    REPORT.append(line)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,11 +99,11 @@ def time_ms(fn, device: torch.device, iters: int, warmup: int = 2) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
 
 
-def reset_memory(device: torch.device) -> float:
-    """Start a peak-memory window; returns GiB allocated now."""
+def reset_memory(device: torch.device) -> float | None:
+    """Start a peak-memory window; returns GiB allocated now (None on CPU: not tracked)."""
     gc.collect()
     if device.type != "cuda":
-        return math.nan
+        return None
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     return torch.cuda.memory_allocated(device) / GIB
@@ -134,8 +143,9 @@ def section_env(device: torch.device, size: dict) -> dict:
         out.update(name=props.name, sm_count=props.multi_processor_count, total_gib=props.total_memory / GIB,
                    capability=list(torch.cuda.get_device_capability(device)), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version())
-    print(f"[env] {out.get('name', device)}  measure_peak_flops {out['peak_measure_peak_flops'] / 1e12:.1f} TFLOP/s"
-          f"  {n}^3 GEMM {out['peak_gemm_large'] / 1e12:.1f} TFLOP/s  versions {versions}")
+    report(f"[env] {out.get('name', device)}  peak {str(dtype)[6:]} GEMM: measure_peak_flops "
+           f"{out['peak_measure_peak_flops'] / 1e12:.4g} TFLOP/s, {n}^3 {out['peak_gemm_large'] / 1e12:.4g} TFLOP/s "
+           f"(H200 spec 989)  versions {versions}")
     return out
 
 
@@ -182,12 +192,12 @@ def section_attention(device: torch.device, size: dict) -> dict:
                 row["fwd_bwd"] = time_ms(lambda: run((q_SBHD, k_SBHD, v_SBHD)), device, size["attn_iters"])
             row["fwd_tflops"] = flops_fwd / row["fwd"]["median_ms"] / 1e9
             row["fwd_bwd_tflops"] = 3.5 * flops_fwd / row["fwd_bwd"]["median_ms"] / 1e9
-            print(f"[attention] {name:16s} out rel {row['out']['rel']:.2e} max {row['out']['max_abs']:.2e}  "
-                  f"dq rel {row['dq']['rel']:.2e}  fwd {row['fwd']['median_ms']:.3f} ms  "
-                  f"fwd+bwd {row['fwd_bwd']['median_ms']:.3f} ms ({row['fwd_bwd_tflops']:.0f} TFLOP/s)")
+            report(f"[attention] {name:17s} out rel {row['out']['rel']:.2e} max {row['out']['max_abs']:.2e}  "
+                   f"dq rel {row['dq']['rel']:.2e}  fwd {row['fwd']['median_ms']:.3f} ms  "
+                   f"fwd+bwd {row['fwd_bwd']['median_ms']:.3f} ms ({row['fwd_bwd_tflops']:.4g} TFLOP/s)")
         except Exception as exc:                              # noqa: BLE001 - a backend may not exist here
             row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
-            print(f"[attention] {name:16s} unavailable: {row['error']}")
+            report(f"[attention] {name:17s} unavailable: {row['error'][:120]}")
         out["backends"][name] = row
     return out
 
@@ -228,39 +238,50 @@ class PlainAdamW:
         return types.SimpleNamespace(loss=sum(losses), grad_norm=float(norm))
 
 
-def build_trainer(cfg, task, device: torch.device):
-    try:
-        from calm_train.parallel.engine import TrainEngine, build_world
-        return TrainEngine(cfg, task, build_world(cfg)), f"TrainEngine (DeepSpeed ZeRO-{cfg.parallel.zero_stage})"
-    except Exception as exc:                                  # noqa: BLE001 - measured anyway, labelled
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        traceback.print_exc()
-    print(f"[step] TrainEngine failed ({reason}); falling back to the plain model + torch AdamW")
-    reset_memory(device)                                      # the failed engine's tensors are garbage now
+def engine_trainer(cfg, task, device: torch.device):
+    from calm_train.parallel.engine import TrainEngine, build_world
+    return TrainEngine(cfg, task, build_world(cfg)), f"TrainEngine (DeepSpeed ZeRO-{cfg.parallel.zero_stage})"
+
+
+def plain_trainer(cfg, task, device: torch.device):
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-    return PlainAdamW(cfg, task, device, dtype), f"plain model + torch.optim.AdamW (engine failed: {reason})"
+    return PlainAdamW(cfg, task, device, dtype), "plain model + torch.optim.AdamW (no master weights)"
 
 
 def section_step(name: str, device: torch.device, size: dict, peaks: dict) -> dict:
+    """The engine's step at the largest micro-batch that fits; if the engine fails (build or step), the
+    plain model + AdamW at that micro-batch, labelled, with the engine's error kept in the result."""
     from calm_train.train.tasks import task_for
-    errors = []
+    errors, engine_error = [], None
+    makers = (plain_trainer,) if size["plain"] else (engine_trainer, plain_trainer)
     for micro in size["micro"]:
-        cfg = step_config(name, size, micro, device)
-        m = cfg.model
-        before_build = reset_memory(device)
-        runtime.init_distributed(tp=1, pp=1, seed=cfg.train.seed)
-        autoencoder = None
-        if m.kind == "calm":     # random frozen AE of the configured (paper's) size, fp32 like load_frozen_autoencoder
-            autoencoder = Autoencoder(m.ae, m.vocab_size, m.patch_size).requires_grad_(False).eval().to(device)
-        try:
-            trainer, label = build_trainer(cfg, task_for(cfg, autoencoder), device)
-            return run_steps(name, cfg, trainer, label, device, size, peaks, before_build)
-        except torch.cuda.OutOfMemoryError as exc:
-            errors.append(f"micro_batch {micro}: out of memory: {str(exc).splitlines()[0]}")
-            print(f"[{name}] {errors[-1]}; trying a smaller micro-batch")
-        finally:
-            trainer = autoencoder = None
-            reset_memory(device)
+        for make in makers:
+            if make is not makers[0] and engine_error is None:
+                break
+            cfg = step_config(name, size, micro, device)
+            m = cfg.model
+            before_build = reset_memory(device)
+            runtime.init_distributed(tp=1, pp=1, seed=cfg.train.seed)
+            autoencoder = trainer = None
+            if m.kind == "calm":   # random frozen AE of the configured (paper's) size, fp32 as load_frozen_autoencoder
+                autoencoder = Autoencoder(m.ae, m.vocab_size, m.patch_size).requires_grad_(False).eval().to(device)
+            try:
+                trainer, label = make(cfg, task_for(cfg, autoencoder), device)
+                out = run_steps(name, cfg, trainer, label, device, size, peaks, before_build)
+                return dict(out, engine_error=engine_error, oom=errors)
+            except torch.cuda.OutOfMemoryError as exc:
+                errors.append(f"{make.__name__} micro_batch {micro}: out of memory: {str(exc).splitlines()[0]}")
+                print(f"[{name}] {errors[-1]}; trying a smaller micro-batch")
+                break
+            except Exception as exc:                          # noqa: BLE001 - measured anyway, labelled
+                if make is not engine_trainer:
+                    raise
+                traceback.print_exc()
+                engine_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                report(f"[{name}] TrainEngine failed ({engine_error}); measuring the plain model + torch AdamW")
+            finally:
+                trainer = autoencoder = None
+                reset_memory(device)
     raise RuntimeError(f"{name}: no micro-batch in {size['micro']} fits: {errors}")
 
 
@@ -297,14 +318,18 @@ def run_steps(name: str, cfg, trainer, label: str, device: torch.device, size: d
     for key in ("peak_measure_peak_flops", "peak_gemm_large"):
         out[f"mfu_vs_{key[5:]}"] = achieved / peaks[key] if key in peaks else None
     mfu, measured = out["mfu_vs_spec_989"], out["mfu_vs_gemm_large"]
-    print(f"[{name}] {label}: micro {t.micro_batch} x {out['accumulation']}  step {step_s * 1e3:.1f} ms  "
-          f"{tokens_per_s:,.0f} tok/s  {flops_per_token / 1e9:.3f} GFLOP/tok  MFU spec {percent(mfu)} "
-          f"measured {percent(measured)}  peak mem {peak} GiB  losses {[round(x, 4) for x in losses]}")
+    report(f"[{name}] {label}: micro {t.micro_batch} x {out['accumulation']}  step {step_s * 1e3:.1f} ms  "
+           f"{tokens_per_s:,.0f} tok/s  {flops_per_token / 1e9:.3f} GFLOP/tok  MFU vs spec {percent(mfu)}, vs "
+           f"{size['gemm']}^3 GEMM {percent(measured)}  peak mem {fmt_gib(peak)}  losses {[round(x, 4) for x in losses]}")
     return out
 
 
 def percent(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
+
+
+def fmt_gib(x: float | None) -> str:
+    return "n/a (CPU)" if x is None else f"{x:.2f} GiB"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,55 +374,28 @@ def section_energy(device: torch.device, size: dict) -> dict:
         except torch.cuda.OutOfMemoryError as exc:
             row = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
         out[name] = row
-        print(f"[energy] {name:8s} {row}")
+        report(f"[energy] {name:8s} " + (row["error"] if "error" in row else f"fwd+bwd {row['time']['median_ms']:.2f} ms  "
+               f"peak extra {fmt_gib(row['peak_extra_gib'])}  loss {row['loss_mean']:.5f}"))
         reset_memory(device)
     if len(results) == 2:
         out["loss_vs_naive"] = rel_err(results["project"][0], results["naive"][0])
         out["grad_vs_naive"] = rel_err(results["project"][1].float(), results["naive"][1].float())
-        print(f"[energy] project vs naive: loss {out['loss_vs_naive']}  grad {out['grad_vs_naive']}")
+        report(f"[energy] project vs naive: loss rel {out['loss_vs_naive']['rel']:.2e}, "
+               f"grad rel {out['grad_vs_naive']['rel']:.2e}")
     return out
 
 
 # ------------------------------------------------------------------------------------------------
-def summary_table(results: dict) -> str:
-    lines = ["", "== gpu_check summary =="]
-    env = results.get("env", {})
-    if "peak_gemm_large" in env:
-        lines.append(f"peak bf16 GEMM: measure_peak_flops {env['peak_measure_peak_flops'] / 1e12:.1f}, "
-                     f"{env['gemm_large']['n']}^3 {env['peak_gemm_large'] / 1e12:.1f} TFLOP/s (spec 989)")
-    for name, row in results.get("attention", {}).get("backends", {}).items():
-        if "error" in row:
-            lines.append(f"attention {name:16s} -- {row['error'][:80]}")
-        else:
-            lines.append(f"attention {name:16s} out rel {row['out']['rel']:.2e} dq rel {row['dq']['rel']:.2e} "
-                         f"fwd {row['fwd']['median_ms']:.3f} ms fwd+bwd {row['fwd_bwd']['median_ms']:.3f} ms")
-    for name in ("calm_step", "ar_step"):
-        row = results.get(name, {})
-        if "tokens_per_s" in row:
-            lines.append(f"{name:9s} {row['tokens_per_s']:>12,.0f} tok/s  step {row['step_s_median'] * 1e3:8.1f} ms  "
-                         f"MFU spec {percent(row['mfu_vs_spec_989'])}  "
-                         f"MFU measured {percent(row['mfu_vs_gemm_large'])}  peak {row['peak_memory_gib']} GiB  "
-                         f"[{row['trainer'][:40]}]")
-    energy = results.get("energy", {})
-    for name in ("project", "naive"):
-        if "time" in energy.get(name, {}):
-            lines.append(f"energy {name:8s} {energy[name]['time']['median_ms']:.2f} ms  "
-                         f"peak extra {energy[name]['peak_extra_gib']} GiB")
-    for name, row in results.items():
-        if "error" in row:
-            lines.append(f"{name}: FAILED {row['error'][:200]}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out/gpu_check")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU test of every code path)")
     parser.add_argument("--only", nargs="*", default=None, help="sections to run (default: all)")
+    parser.add_argument("--plain", action="store_true", help="step sections: plain model + AdamW, no engine")
     args = parser.parse_args(argv)
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = SIZES["smoke" if args.smoke else "full"]
+    size = dict(SIZES["smoke" if args.smoke else "full"], plain=args.plain)
     device = runtime.pick_device()[0]
     if device.type != "cuda" and not args.smoke:
         print("gpu_check: no CUDA device; run with --smoke on CPU")
@@ -419,13 +417,13 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:                          # noqa: BLE001 - keep the other sections
                 traceback.print_exc()
                 results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:1000]}"}
-                print(f"[{name}] FAILED: {results[name]['error'][:300]}")
+                report(f"[{name}] FAILED: {results[name]['error'][:300]}")
             results[name]["section_s"] = time.perf_counter() - t0
             (out_dir / f"{name}.json").write_text(json.dumps(results[name], indent=1, default=str))
             reset_memory(device)
     results["wall_s"] = time.perf_counter() - start
     (out_dir / "summary.json").write_text(json.dumps(results, indent=1, default=str))
-    print(summary_table({k: v for k, v in results.items() if isinstance(v, dict)}))
+    print("\n== gpu_check summary ==\n" + "\n".join(REPORT))
     print(f"gpu_check: {results['wall_s']:.0f} s, results in {out_dir}")
     return 1 if any(isinstance(v, dict) and "error" in v for v in results.values()) else 0
 
