@@ -3,8 +3,9 @@
 The preset (`parallel.ds_config`: a name in ds_configs/ or a path; None picks `zero1_pp` under
 pipeline parallelism, else `zero{parallel.zero_stage}`) holds what the train config does not:
 optimizer implementation, offload, bucket sizes.  Batch sizes, AdamW hyper-parameters, clipping,
-precision and the ZeRO stage always come from the train config.  The learning rate is set by
-the engine every step (`lr_at`), so the preset carries no scheduler.
+precision and the ZeRO stage always come from the train config.  The presets use torch's AdamW
+(`torch_adam`): no JIT build, and a resume is bit-exact (DeepSpeed's fused CPU Adam is not).
+The learning rate is set by the engine every step (`lr_at`), so the preset carries no scheduler.
 """
 from __future__ import annotations
 
@@ -71,9 +72,7 @@ def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
     params.update({"lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
                    "weight_decay": t.weight_decay})
     if offloaded:
-        params.pop("torch_adam", None)          # offload runs DeepSpeedCPUAdam
-    else:
-        params["torch_adam"] = device.type == "cpu" or params.get("torch_adam", False)
+        params.pop("torch_adam", None)          # offload runs DeepSpeedCPUAdam (a JIT-built op)
     return copy.deepcopy(ds)
 
 

@@ -171,7 +171,8 @@ class TrainEngine:
 
     def _global_mean(self, loss_sum: float, n_micro: int) -> float:
         """Mean over the global batch from the per-rank sums of micro-batch means (last stage only)."""
-        total = torch.tensor([loss_sum if self.world.is_last_stage else 0.0], dtype=torch.float64)
+        total = torch.tensor([loss_sum if self.world.is_last_stage else 0.0], dtype=torch.float64,
+                             device=self.world.device)
         dist.all_reduce(total)
         return float(total) / (n_micro * self.world.dp_size * self.world.tp_size)
 
