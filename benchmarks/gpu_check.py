@@ -421,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["section_s"] = time.perf_counter() - t0
             (out_dir / f"{name}.json").write_text(json.dumps(results[name], indent=1, default=str))
             reset_memory(device)
+    calm, ar = results.get("calm_step", {}), results.get("ar_step", {})
+    if "tokens_per_s" in calm and "tokens_per_s" in ar:
+        report(f"[compare] CALM-M / Transformer-M training tokens/s: {calm['tokens_per_s'] / ar['tokens_per_s']:.2f}x "
+               f"({calm['seq_len']} vs {ar['seq_len']} tokens per sequence)")
     results["wall_s"] = time.perf_counter() - start
     (out_dir / "summary.json").write_text(json.dumps(results, indent=1, default=str))
     print("\n== gpu_check summary ==\n" + "\n".join(REPORT))
