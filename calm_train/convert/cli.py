@@ -19,8 +19,11 @@ Every weight is float32; no weight changes value, only names and the QKV / gate-
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
+import shutil
 
 import yaml
 
@@ -32,10 +35,23 @@ from calm_train.convert.weights import ConvertError, check_shapes, find_weights,
 DEFAULT_SEQ_LEN = 2048
 
 
-def _empty_destination(dst: pathlib.Path) -> None:
-    if dst.exists() and any(dst.iterdir()):
+@contextlib.contextmanager
+def _staged(dst: pathlib.Path):
+    """Write into DST's sibling `.partial-NAME` and rename it to DST at the end: DST is complete or absent."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ConvertError(f"{dst} exists and is not empty. Fix: choose a new destination directory")
-    dst.mkdir(parents=True, exist_ok=True)
+    partial = dst.parent / f".partial-{dst.name}"
+    if partial.exists():
+        shutil.rmtree(partial)                  # our own leftover of an interrupted conversion
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if dst.exists():
+        dst.rmdir()
+    os.replace(partial, dst)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,26 +68,25 @@ def export_hf(src, dst) -> pathlib.Path:
     cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
     m, native = cfg.model, load_file(str(ckpt / "model.safetensors"))
     seq_len = read_dataset_info(ckpt / "tokenizer").seq_len
-    dst = pathlib.Path(dst)
-    _empty_destination(dst)
-    special = export_tokenizer(ckpt / "tokenizer", dst)
     try:
         if m.kind == "ar":
             weights = hf_llama.ar_to_hf(native, m.backbone)
-            config = hf_llama.llama_config(m.backbone, m.vocab_size, seq_len, special)
+            config = hf_llama.llama_config(m.backbone, m.vocab_size, seq_len)
         elif m.kind == "calm":
             ae = load_autoencoder_file(ckpt, "cpu")
             weights = reference.calm_to_reference(native, ae.state_dict(), m)
-            config = {**reference.calm_fields(m, ae.vocab_size), "max_position_embeddings": seq_len // m.patch_size,
-                      **special}
+            config = {**reference.calm_fields(m, ae.vocab_size), "max_position_embeddings": seq_len // m.patch_size}
         else:
             weights = dict(native)
-            config = {**reference.autoencoder_fields(m.ae, m.vocab_size, m.patch_size), **special}
+            config = reference.autoencoder_fields(m.ae, m.vocab_size, m.patch_size)
     except KeyError as err:
         raise ConvertError(f"{ckpt}/model.safetensors: key {err} is missing for a {m.kind} model of "
                            f"{ckpt}/config.yaml. Fix: use the config the checkpoint was saved with") from err
-    save_weights(weights, dst / "model.safetensors")
-    (dst / "config.json").write_text(json.dumps({**config, "seq_len": seq_len}, indent=1) + "\n")
+    dst = pathlib.Path(dst)
+    with _staged(dst) as out:
+        special = export_tokenizer(ckpt / "tokenizer", out)
+        save_weights(weights, out / "model.safetensors")
+        (out / "config.json").write_text(json.dumps({**config, **special, "seq_len": seq_len}, indent=1) + "\n")
     return dst
 
 
@@ -87,12 +102,17 @@ def read_llama(src: pathlib.Path, config: dict) -> tuple[ModelConfig, dict]:
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         reference.config_field(config, src, key)
     arch, vocab = hf_llama.arch_from_fields(config), config["vocab_size"]
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ConvertError(f"{src}/config.json: attention_bias/mlp_bias is set; the backbone has no biases. "
-                           "Fix: convert a Llama model without biases")
+    head_dim = arch.hidden_size // arch.num_heads
+    unsupported = {"attention_bias": config.get("attention_bias"), "mlp_bias": config.get("mlp_bias"),
+                   "rope_scaling": config.get("rope_scaling"), "head_dim": config.get("head_dim", head_dim) != head_dim}
+    named = [key for key, value in unsupported.items() if value]
+    if named:
+        raise ConvertError(f"{src}/config.json: {', '.join(named)} set; the backbone has no biases, plain RoPE and "
+                           "head_dim = hidden_size / num_attention_heads. Fix: convert a Llama model without these")
     weights = reference.drop_ignored(read_weights(find_weights(src)))
-    if config.get("tie_word_embeddings") and "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    tied = config.get("tie_word_embeddings") and "lm_head.weight" not in weights
+    if tied and "model.embed_tokens.weight" in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]   # untied from here on
     check_shapes(weights, hf_llama.ar_hf_shapes(arch, vocab), reference.FIX)
     return ModelConfig(kind="ar", vocab_size=vocab, backbone=arch), hf_llama.hf_to_ar(weights, arch)
 
@@ -137,16 +157,16 @@ def import_native(src, dst, tp: int = 1, pp: int = 1) -> pathlib.Path:
     cfg = Config(run_dir=f"runs/{dst.name}", model=model, parallel=ParallelConfig(tp=tp, pp=pp),
                  data=DataConfig(seq_len=seq_len))
     validate(cfg)
-    _empty_destination(dst)
-    import_tokenizer(src, dst / "tokenizer", model.vocab_size, model.patch_size, seq_len)
-    (dst / "config.yaml").write_text(to_yaml(cfg))
-    save_file({k: v.float().contiguous() for k, v in native.items()}, str(dst / "model.safetensors"))
-    if ae_state is not None:
-        from calm_train.models.autoencoder import Autoencoder
-        ae = Autoencoder(model.ae, ae_state["encoder.embed_tokens.weight"].shape[0], model.patch_size)
-        ae.load_state_dict(ae_state, strict=True)
-        save_autoencoder_file(ae, dst)
-    write_manifest(dst, {"kind": model.kind, "converted_from": str(src), "layout": {"tp": tp, "pp": pp}})
+    with _staged(dst) as out:
+        import_tokenizer(src, out / "tokenizer", model.vocab_size, model.patch_size, seq_len)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        save_file({k: v.float().contiguous() for k, v in native.items()}, str(out / "model.safetensors"))
+        if ae_state is not None:
+            from calm_train.models.autoencoder import Autoencoder
+            ae = Autoencoder(model.ae, ae_state["encoder.embed_tokens.weight"].shape[0], model.patch_size)
+            ae.load_state_dict(ae_state, strict=True)
+            save_autoencoder_file(ae, out)
+        write_manifest(out, {"kind": model.kind, "converted_from": str(src), "layout": {"tp": tp, "pp": pp}})
     return dst
 
 

@@ -129,10 +129,10 @@ def ar_hf_shapes(arch: BackboneArch, vocab_size: int) -> dict[str, tuple[int, ..
     return {**llama_shapes(arch, vocab_size, "model."), "lm_head.weight": (vocab_size, arch.hidden_size)}
 
 
-def llama_config(arch: BackboneArch, vocab_size: int, max_positions: int, special_ids: dict) -> dict:
+def llama_config(arch: BackboneArch, vocab_size: int, max_positions: int) -> dict:
     """config.json of `LlamaForCausalLM` (untied output layer, no biases, SwiGLU, fp32)."""
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **backbone_fields(arch, vocab_size),
             "head_dim": arch.hidden_size // arch.num_heads, "hidden_act": "silu",
             "max_position_embeddings": max_positions, "tie_word_embeddings": False, "attention_bias": False,
             "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-            "torch_dtype": "float32", **special_ids}
+            "torch_dtype": "float32"}

@@ -1,4 +1,4 @@
-"""The `convert` command end to end: exit codes, `generate` on a converted checkpoint, the frozen-AE loader on exports."""
+"""`convert` end to end: exit codes, `generate` on a converted checkpoint, the frozen-AE loader on exports."""
 import torch
 
 from calm_train.cli import main

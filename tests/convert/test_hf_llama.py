@@ -121,3 +121,14 @@ def test_layout_that_does_not_fit_the_model_is_rejected_before_writing(ar, tmp_p
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ConvertError, match="--to native"):
         run_convert(exported, tmp_path / "bad", to="hf", tp=2)
+
+
+def test_llama_features_the_backbone_lacks_are_named(ar, tmp_path):
+    import shutil
+    _, _, exported = ar
+    src = shutil.copytree(exported, tmp_path / "scaled")
+    config = json.loads((src / "config.json").read_text())
+    config.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}, attention_bias=True)
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConvertError, match=r"scaled/config.json: attention_bias, rope_scaling set"):
+        run_convert(src, tmp_path / "out", to="native")

@@ -264,3 +264,12 @@ def test_missing_config_field_names_the_field_and_the_file(vocab, bpe_tokenizer_
                               bpe_tokenizer_file)
     with pytest.raises(ConvertError, match=r"ae/config.json: key 'latent_size' is missing"):
         run_convert(src, tmp_path / "out", to="native")
+
+
+def test_failed_conversion_leaves_no_destination(vocab, bpe_tokenizer_file, tmp_path):
+    src = write_reference_dir(tmp_path / "ae", {**AE_CONFIG, "vocab_size": vocab},
+                              reference_autoencoder_state(vocab, torch.Generator()), bpe_tokenizer_file)
+    (src / "tokenizer.json").unlink()
+    with pytest.raises(ConvertError, match=r"ae holds no tokenizer.json or tokenizer.model"):
+        run_convert(src, tmp_path / "out", to="native")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ae"]
