@@ -1,9 +1,9 @@
 """Rank-0 run logging per the run-directory contract: metrics.jsonl, eval.jsonl, progress, wandb."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 import pathlib
 import sys
 
@@ -32,23 +32,28 @@ def _clean(value):
 class Logbook:
     """Appends one JSON object per logged step / evaluation; a progress line on rank 0; optional wandb."""
 
-    def __init__(self, run_dir: pathlib.Path, cfg, enabled: bool, total_steps: int, start_step: int):
+    def __init__(self, run_dir: pathlib.Path, cfg, enabled: bool, total_steps: int):
         self.enabled = enabled
         self.metrics_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
-        self.total, self.start = total_steps, start_step
+        self.total = total_steps
         self.progress = enabled and cfg.logging.progress
         self.wandb = None
-        if enabled:
-            truncate_after(self.metrics_path, start_step)
-            truncate_after(self.eval_path, start_step)
-            if cfg.logging.wandb != "off":
-                import wandb
-                from calm_train.config import to_dict
-                os.environ.setdefault("WANDB_DIR", str(run_dir))
-                self.wandb = wandb.init(project=cfg.logging.project, mode=cfg.logging.wandb, config=to_dict(cfg),
-                                        dir=str(run_dir), name=run_dir.name, resume="allow",
-                                        id=f"{run_dir.name}-{abs(hash(str(run_dir.resolve()))) % 10**8}")
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def resume_at(self, step: int) -> None:
+        """Drop the lines of steps after the checkpoint the run continues from (0: a fresh start)."""
+        if not self.enabled:
+            return
+        truncate_after(self.metrics_path, step)
+        truncate_after(self.eval_path, step)
+        if self.cfg.logging.wandb != "off" and self.wandb is None:
+            import wandb
+            from calm_train.config import to_dict
+            run_id = hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
+            self.wandb = wandb.init(project=self.cfg.logging.project, mode=self.cfg.logging.wandb,
+                                    config=to_dict(self.cfg), dir=str(self.run_dir), name=self.run_dir.name,
+                                    id=run_id, resume="allow")
 
     def _append(self, path: pathlib.Path, row: dict) -> None:
         with open(path, "a") as f:

@@ -78,7 +78,7 @@ class Run:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         validate_layout(cfg, self.world_size)
         self.dp = data_parallel_size(cfg, self.world_size)
-        self.log = Logbook(self.run_dir, cfg, enabled=self.rank == 0, total_steps=cfg.train.steps, start_step=0)
+        self.log = Logbook(self.run_dir, cfg, enabled=self.rank == 0, total_steps=cfg.train.steps)
         self.checkpoints = CheckpointManager(self.run_dir, self.rank, dist.barrier, cfg.train.keep_last,
                                              cfg.train.keep_every, log=self.log.event)
 
@@ -193,7 +193,7 @@ class Run:
         latest = self.preflight()
         self.build()
         progress = self.resume(latest)
-        self.log.start = progress.step
+        self.log.resume_at(progress.step)
         stop = StopRequest().install()
         tokens_per_step = t.global_batch * cfg.data.seq_len
         started = time.monotonic() - progress.elapsed_s
