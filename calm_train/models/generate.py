@@ -13,7 +13,10 @@ Choosing the chunk from decoded samples (the head is a black-box sampler, Sectio
 * 1/T an integer n (T = 1, 1/2, 1/3, ...): the approximate batch algorithm over a pool of
   `num_samples` decoded chunks (`approximate_temperature_sample`); T = 1 is a plain draw.
 * any other T in (0, 1): the exact rejection algorithm (`exact_temperature_sample`), fed from
-  batches of `num_samples` decoded draws.
+  batches of `num_samples` decoded draws.  When it accepts nothing within MAX_DRAW_BATCHES
+  batches (a spread-out distribution, typical of an undertrained model: on a GPU check an
+  untrained-ish model at T = 0.7 exhausted 1600 draws), the approximate algorithm with
+  n = round(1/T) chooses from all the draws made, rather than failing the request.
 
 With `use_cache` the prompt runs once and each step feeds only the new chunk/token through
 the backbone (KV cache); without it every step re-runs the whole sequence.  Both consume the
@@ -34,11 +37,15 @@ from calm_train.models.sampling import (approximate_temperature_sample, approxim
 MAX_DRAW_BATCHES = 100     # exact sampling gives up after this many batches of num_samples draws
 
 
+class _DrawBudgetSpent(Exception):
+    """Exact temperature sampling used its MAX_DRAW_BATCHES * num_samples draws without accepting."""
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _choose_chunk(draw_chunks, temperature: float, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+def choose_chunk(draw_chunks, temperature: float, num_samples: int, generator: torch.Generator) -> torch.Tensor:
     """One chunk [K] from decoded head samples; draw_chunks(n) -> [n, K]."""
     if temperature == 0:
         values, probs = approximate_temperature_weights(list(draw_chunks(num_samples)), 1)
@@ -46,14 +53,22 @@ def _choose_chunk(draw_chunks, temperature: float, num_samples: int, generator: 
     n, alpha = split_inverse_temperature(temperature)
     if alpha == 0:
         return approximate_temperature_sample(list(draw_chunks(num_samples)), n, generator)
-    buffer: list[torch.Tensor] = []
+    drawn: list[torch.Tensor] = []
+    used = 0
 
     def draw() -> torch.Tensor:
-        if not buffer:
-            buffer.extend(draw_chunks(num_samples))
-        return buffer.pop(0)
+        nonlocal used
+        if used == len(drawn):
+            if used == MAX_DRAW_BATCHES * num_samples:
+                raise _DrawBudgetSpent
+            drawn.extend(draw_chunks(num_samples))
+        used += 1
+        return drawn[used - 1]
 
-    return exact_temperature_sample(draw, temperature, generator, max_draws=MAX_DRAW_BATCHES * num_samples)
+    try:
+        return exact_temperature_sample(draw, temperature, generator)
+    except _DrawBudgetSpent:
+        return approximate_temperature_sample(drawn, max(1, round(1 / temperature)), generator)
 
 
 @torch.no_grad()
@@ -77,7 +92,7 @@ def generate_calm(model, autoencoder: Autoencoder, prompt_ids: list[int], max_ne
             z_B1ND = model.generative_head.sample(hidden_B1H, n, rng)
             return autoencoder.decode(z_B1ND[0].to(next(autoencoder.parameters()).dtype))[0].cpu()  # [n, K]
 
-        chunk_K = _choose_chunk(draw_chunks, temperature, num_samples, generator).to(device)
+        chunk_K = choose_chunk(draw_chunks, temperature, num_samples, generator).to(device)
         new.extend(chunk_K.tolist())
         step_BL = chunk_K[None]
         tokens_BL = torch.cat([tokens_BL, step_BL], dim=1)

@@ -7,7 +7,7 @@ from calm_train.config import AutoencoderArch, BackboneArch, EnergyHeadArch, Mod
 from calm_train.models.ar import ARModel
 from calm_train.models.autoencoder import Autoencoder
 from calm_train.models.calm import CALM, freeze
-from calm_train.models.generate import generate_ar, generate_calm
+from calm_train.models.generate import MAX_DRAW_BATCHES, choose_chunk, generate_ar, generate_calm
 from calm_train.models.rng import SampleRNG
 from calm_train.parallel import runtime
 
@@ -78,3 +78,17 @@ def test_invalid_requests_name_the_fix(calm_pair):
         generate_calm(model, ae, PROMPT, 4, 1.5, seed=0, pad_id=0)
     with pytest.raises(ValueError, match="at least one prompt token"):
         generate_ar(ARModel(AR_CFG), [], 4, 0.0, seed=0)
+
+
+def test_exact_sampling_that_accepts_nothing_falls_back_to_the_pool_of_its_draws():
+    calls = []
+
+    def all_distinct_chunks(n):          # p(x) -> 0 for every chunk: exact rejection cannot accept
+        calls.append(n)
+        start = 4 * sum(calls[:-1])
+        return torch.arange(start, start + 4 * n).view(n, 4)
+
+    chunk = choose_chunk(all_distinct_chunks, 0.7, 8, torch.Generator().manual_seed(0))
+    assert len(calls) == MAX_DRAW_BATCHES                               # the whole budget was drawn ...
+    assert chunk.shape == (4,) and int(chunk[0]) % 4 == 0 and int(chunk[0]) < 4 * 8 * MAX_DRAW_BATCHES
+    assert torch.equal(chunk, torch.arange(int(chunk[0]), int(chunk[0]) + 4))   # ... and one of its draws chosen
