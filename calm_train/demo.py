@@ -28,11 +28,11 @@ def say(message: str) -> None:
 
 def prepare(out: pathlib.Path) -> pathlib.Path:
     from calm_train.cli import main
-    from data_prep.corpus import write_default_corpus
+    from data_prep.corpus import write_corpus_jsonl
     data = out / "data"
     if (data / "dataset.json").is_file():
         return data
-    corpus = write_default_corpus(out / "corpus.jsonl")
+    corpus = write_corpus_jsonl(out / "corpus.jsonl")
     say(f"embedded corpus: {corpus.stat().st_size / 1e6:.2f} MB of Python documentation -> {data}")
     code = main(["prepare", "--input", str(corpus), "--tokenizer", f"train:{VOCAB}", "--out", str(data),
                  "--seq-len", str(SEQ_LEN), "--patch-size", "4", "--val-fraction", "0.05"])
