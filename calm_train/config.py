@@ -316,6 +316,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _check(b.intermediate_size % p.tp == 0, "parallel.tp",
                f"tp={p.tp} does not divide model.backbone.intermediate_size={b.intermediate_size}",
                "choose tp dividing the MLP width")
+        _check(m.vocab_size is None or m.vocab_size % p.tp == 0, "parallel.tp",
+               f"tp={p.tp} does not divide model.vocab_size={m.vocab_size} (the embedding is split by vocabulary)",
+               "choose tp dividing the vocabulary size, or prepare data with a vocabulary divisible by tp")
         _check(p.pp >= 1 and b.num_layers % p.pp == 0, "parallel.pp",
                f"pp={p.pp} does not divide model.backbone.num_layers={b.num_layers}",
                "choose pp dividing the number of layers")

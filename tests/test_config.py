@@ -41,6 +41,7 @@ INVALID = [
     (["model.backbone.num_heads=5"], "model.backbone.num_heads", None),
     (["model.backbone.num_kv_heads=3"], "model.backbone.num_kv_heads", None),
     (["parallel.pp=3"], "parallel.pp", None),
+    (["parallel.tp=2", "model.vocab_size=511"], "parallel.tp", None),
     (["parallel.pp=2", "parallel.zero_stage=2"], "parallel.zero_stage", None),
     (["parallel.pp=2", "parallel.zero_stage=3"], "parallel.zero_stage", None),
     (["parallel.zero_stage=4"], "parallel.zero_stage", None),
