@@ -1,0 +1,201 @@
+"""TokenLoader: batches of one split of a prepared directory, partitioned by data-parallel rank only.
+
+mosaicml-streaming 0.13 reads RANK/WORLD_SIZE/LOCAL_* from the environment and uses them twice: the
+*unique* world coordinates the processes of a node (shared memory, barriers, one shard cache), the
+*parallel* world decides which samples a process reads.  We build the unique world from the real
+launch and replace the parallel world by a one-node world of dp_size ranks in which this process is
+dp_rank, so every TP/PP rank of a replica reads the same batches, and a state saved at one dp_size
+resumes at another (fixed num_canonical_nodes=1).
+
+Robustness (notes/data_stack.md section 3): shards are verified against index.json before any
+dataset exists (verify=True); shards are copied from the data directory into a per-job local cache
+(private TMPDIR beside it, stale shared memory of dead jobs removed); a DataLoader timeout turns a
+stuck worker into an exception; and every epoch's sample count is asserted, so a worker error never
+ends an epoch silently.  All ranks must construct and iterate their TokenLoader together.
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import pathlib
+import tempfile
+import uuid
+
+import numpy as np
+import torch
+from streaming import StreamingDataLoader, StreamingDataset
+from streaming.base.partition import get_partitions
+from streaming.base.world import World
+
+from calm_train.data import jobdir
+from calm_train.data.dataset_info import DataError, read_dataset_info
+from calm_train.data.verify import verify_dataset
+
+CANONICAL_NODES = 1
+
+
+def _dist():
+    return torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+
+
+def _launch_env() -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE of the real launch (one node if unset)."""
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world))
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(local_world)}
+
+
+@contextlib.contextmanager
+def _streaming_context(env: dict[str, str], tmpdir: pathlib.Path):
+    """Environment and tempfile root that StreamingDataset reads while it is constructed."""
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_tmp = tempfile.tempdir
+    os.environ.update(env)
+    tempfile.tempdir = str(tmpdir)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved_tmp
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _all_ranks_ok(error: str | None) -> None:
+    """Raise the first rank's error on every rank (no rank is left waiting in a collective)."""
+    dist = _dist()
+    errors = [error]
+    if dist:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise DataError(first)
+
+
+def _collate(batch):
+    ids, tokens = zip(*batch)
+    return {"tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)),
+            "sample_ids": torch.tensor(ids, dtype=torch.long)}
+
+
+class DPStreamingDataset(StreamingDataset):
+    """StreamingDataset whose sample partition follows (dp_rank, dp_size), not the launch."""
+
+    def __init__(self, dp_rank: int, dp_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self._parallel_rank_world = World(num_nodes=1, ranks_per_node=dp_size, workers_per_rank=1, worker=dp_rank)
+        self.length = -(-self.epoch_size // dp_size)
+
+    def __getitem__(self, idx):
+        return idx, super().__getitem__(idx)["tokens"]
+
+
+class TokenLoader:
+    def __init__(self, data_dir, split: str, batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                 shuffle: bool = True, num_workers: int = 0, cache_dir=None, verify: bool = True,
+                 batch_timeout: float = 600.0):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
+        self.data_dir = pathlib.Path(data_dir)
+        self.info = read_dataset_info(self.data_dir)
+        self.split, self.batch_size = split, batch_size
+        self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
+        env = _launch_env()
+        leader = env["LOCAL_RANK"] == "0"
+        error = None
+        if verify and leader:
+            try:
+                verify_dataset(self.data_dir, [split])
+            except DataError as err:
+                error = str(err)
+        _all_ranks_ok(error)
+
+        self._job = jobdir.open_job(cache_dir, _broadcast_key(), leader)
+        if _dist():
+            _dist().barrier()
+        with _streaming_context(env, self._job.tmp):
+            self.dataset = DPStreamingDataset(
+                dp_rank=dp_rank, dp_size=dp_size, remote=str(self.data_dir / split), local=str(self._job.local),
+                batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed, num_canonical_nodes=CANONICAL_NODES,
+                validate_hash="xxh64", keep_zip=False)
+
+        fork = "fork" if num_workers and "fork" in multiprocessing.get_all_start_methods() else None
+        self._loader = StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,
+                                           collate_fn=_collate, timeout=batch_timeout if num_workers else 0,
+                                           multiprocessing_context=fork)
+        self.epoch = 0
+        self.samples_seen = 0            # this rank, all epochs, including dropped partial batches
+        self._epoch_offset = 0           # global samples of the current epoch before this iteration
+        self._yielded = 0                # this rank's samples in the current iteration of the epoch
+        self._resume_state: dict | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.info.splits[self.split]["samples"]
+
+    def _expected(self, sample_in_epoch: int) -> int:
+        """This rank's sample count for the rest of an epoch, by streaming's own partition."""
+        ids = get_partitions(self.dataset.partition_algo, self.dataset.epoch_size, CANONICAL_NODES, 1,
+                             self.dp_size, max(1, self.num_workers), self.batch_size, sample_in_epoch, 1)
+        return int((ids[0, self.dp_rank] >= 0).sum())
+
+    def __iter__(self):
+        while True:
+            if self._resume_state is not None:
+                self._loader.load_state_dict(self._resume_state)
+                self.epoch, self._epoch_offset = self._resume_state["epoch"], self._resume_state["sample_in_epoch"]
+                self._resume_state = None
+            expected = self._expected(self._epoch_offset)
+            self._yielded = 0
+            for batch in self._loader:
+                n = len(batch["sample_ids"])
+                self._yielded += n
+                self.samples_seen += n
+                if n == self.batch_size:
+                    yield batch
+            if self._yielded != expected:
+                raise DataError(
+                    f"{self.data_dir / self.split}: epoch {self.epoch} ended after {self._yielded} of {expected} "
+                    f"samples on dp rank {self.dp_rank} (a shard failed to load; see the worker error above). "
+                    f"Fix: run `calm-train verify-data {self.data_dir}` and re-prepare the bad shard")
+            self.epoch += 1
+            self._epoch_offset = 0
+
+    def state_dict(self) -> dict:
+        """Where the epoch stands, in global samples (all dp ranks hold the same state)."""
+        if self._resume_state is not None:
+            return dict(self._resume_state, samples_seen=self.samples_seen, dp_size=self.dp_size)
+        return {"epoch": self.epoch, "sample_in_epoch": self._epoch_offset + self._yielded * self.dp_size,
+                "num_canonical_nodes": CANONICAL_NODES, "shuffle_seed": self.dataset.shuffle_seed,
+                "initial_physical_nodes": 1, "samples_seen": self.samples_seen, "dp_size": self.dp_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume before iterating; the state may come from another dp_size (elastic)."""
+        self._resume_state = {k: state[k] for k in ("epoch", "sample_in_epoch", "num_canonical_nodes",
+                                                    "shuffle_seed", "initial_physical_nodes")}
+        self.epoch = state["epoch"]
+        self.samples_seen = state.get("samples_seen", 0)
+
+    def close(self) -> None:
+        """Drop the dataset and remove this job's cache and shared memory (collective)."""
+        self._loader = self.dataset = None
+        dist = _dist()
+        if dist:
+            dist.barrier()
+        self._job.close()
+
+
+def _broadcast_key() -> str:
+    """One random job key for all ranks (names the local cache and private TMPDIR)."""
+    dist = _dist()
+    key = [uuid.uuid4().hex[:12]]
+    if dist:
+        dist.broadcast_object_list(key, src=0)
+    return key[0]
