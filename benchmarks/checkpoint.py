@@ -1,0 +1,166 @@
+"""Checkpoint save and load time and bytes on disk vs model size, through the project's checkpoint path.
+
+    python benchmarks/checkpoint.py [--sizes 64:2 256:4 512:8] [--kind calm|ar] [--vocab V]
+                                    [--workdir DIR] [--set key=value ...] [--out FILE]
+
+For each backbone size HIDDEN:LAYERS (MLP width 8/3 x hidden rounded to 16, head dim 32), in one
+process (a world of one, ZeRO stage of the config): TrainEngine takes one optimizer step on random
+tokens (so the AdamW state exists), then a save as the training loop writes it
+(calm_train/train/loop.py Run.save) through calm_train.train.checkpoint.CheckpointManager:
+
+  export     engine.state_for_export(): the full fp32 model gathered for model.safetensors
+  engine     engine.save_checkpoint: DeepSpeed's model states and ZeRO optimizer partitions
+  safetensors  the consolidated model.safetensors (plus autoencoder.safetensors for CALM)
+  rest       rng state, state.json
+  finalize   the manager's work after the files: sha256 of every file, fsync, manifest, rename, latest
+
+then one more step (the weights move away from the saved ones) and a load as a resumed run and
+`eval`/`generate` read it:
+
+  verify     verify_checkpoint with hashes (sizes + sha256 of every file against the manifest)
+  engine     engine.load_checkpoint (model + optimizer state); the restored weights are compared
+             with the saved model.safetensors (`restored_exact`)
+  safetensors  safetensors.torch.load_file of model.safetensors
+
+Bytes on disk per part.  The run directories live under --workdir and are deleted afterwards.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import common  # noqa: F401  (sets the environment before DeepSpeed is imported)
+import torch
+
+from calm_train.config import load_config
+from calm_train.models.autoencoder import Autoencoder
+from calm_train.parallel import runtime
+from calm_train.train.checkpoint import CheckpointManager, rng_state, verify_checkpoint
+from calm_train.train.tasks import task_for
+
+SEQ_LEN, BATCH = 64, 2
+
+
+def build_config(args, hidden: int, layers: int, run_dir: pathlib.Path):
+    base = {"calm": "tiny_calm", "ar": "tiny_ar"}[args.kind]
+    intermediate = round(hidden * 8 / 3 / 16) * 16
+    return load_config(base, [f"run_dir={run_dir}", f"model.vocab_size={args.vocab}",
+                              f"model.backbone.hidden_size={hidden}", f"model.backbone.intermediate_size={intermediate}",
+                              f"model.backbone.num_layers={layers}", f"model.backbone.num_heads={max(1, hidden // 32)}",
+                              f"data.seq_len={SEQ_LEN}", f"train.micro_batch={BATCH}", f"train.global_batch={BATCH}",
+                              "train.warmup_steps=0", "train.keep_last=1", "model.autoencoder=random-frozen", *args.set])
+
+
+def directory_bytes(path: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def measure(args, hidden: int, layers: int, workdir: pathlib.Path) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    from calm_train.parallel.engine import TrainEngine, build_world
+    from calm_train.train.inference import save_autoencoder_file
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"ckpt_{hidden}x{layers}_", dir=workdir))
+    cfg = build_config(args, hidden, layers, run_dir)
+    m = cfg.model
+    try:
+        with runtime.single_process(seed=0):
+            world = build_world(cfg)
+            autoencoder = None
+            if m.kind == "calm":
+                torch.manual_seed(1)
+                autoencoder = Autoencoder(m.ae, m.vocab_size, m.patch_size, m.init_std).to(world.device)
+            engine = TrainEngine(cfg, task_for(cfg, autoencoder), world)
+            tokens_BL = torch.randint(0, m.vocab_size, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+            ids = torch.arange(BATCH)
+            engine.train_step(tokens_BL, ids, 1)
+            times: dict[str, float] = {}
+            export, times["save_export_s"] = timed(engine.state_for_export)
+
+            def write(directory: pathlib.Path) -> None:
+                _, times["save_engine_s"] = timed(lambda: engine.save_checkpoint(directory / "engine", "state",
+                                                                                 {"step": 1}))
+
+                def consolidated():
+                    save_file({k: v.contiguous() for k, v in export.items()}, str(directory / "model.safetensors"))
+                    if autoencoder is not None:
+                        save_autoencoder_file(autoencoder, directory)
+                _, times["save_safetensors_s"] = timed(consolidated)
+
+                def rest():
+                    (directory / "rng").mkdir(exist_ok=True)
+                    torch.save(rng_state(), directory / "rng" / "rank_00000.pt")
+                    (directory / "state.json").write_text(json.dumps({"progress": {"step": 1}}))
+                _, times["save_rest_s"] = timed(rest)
+
+            manager = CheckpointManager(run_dir, keep_last=1, log=lambda message: None)
+            path, manager_s = timed(lambda: manager.save(1, write, {"kind": m.kind}))
+            written = sum(times[k] for k in ("save_engine_s", "save_safetensors_s", "save_rest_s"))
+            times["save_finalize_s"] = manager_s - written
+            times["save_total_s"] = manager_s + times["save_export_s"]
+
+            engine.train_step(tokens_BL, ids, 2)
+            _, times["load_verify_s"] = timed(lambda: verify_checkpoint(path, hashes=True))
+            _, times["load_engine_s"] = timed(lambda: engine.load_checkpoint(path / "engine", "state"))
+            saved, times["load_safetensors_s"] = timed(lambda: load_file(str(path / "model.safetensors")))
+            times["load_total_s"] = times["load_verify_s"] + times["load_engine_s"] + times["load_safetensors_s"]
+            restored = engine.state_for_export()
+            exact = saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+            params = sum(v.numel() for v in export.values())
+        total = directory_bytes(path)
+        engine_bytes = directory_bytes(path / "engine")
+        safetensors_bytes = (path / "model.safetensors").stat().st_size
+        return {"size": f"{hidden}:{layers}", "kind": m.kind, "zero_stage": cfg.parallel.zero_stage, "hidden": hidden, "layers": layers, "params": params,
+                "fp32_model_mib": 4 * params / common.MIB, "bytes_total": total, "bytes_engine": engine_bytes,
+                "bytes_model_safetensors": safetensors_bytes, "bytes_other": total - engine_bytes - safetensors_bytes,
+                "mib_total": total / common.MIB, "save_mib_per_s": total / common.MIB / times["save_total_s"],
+                "restored_exact": exact, **times}
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.base_parser(__doc__, "checkpoint")
+    parser.add_argument("--sizes", nargs="+", default=["64:2", "256:4", "512:8"], metavar="HIDDEN:LAYERS")
+    parser.add_argument("--kind", choices=("calm", "ar"), default="calm")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--workdir", default="bench_out", help="where the run directories are made (then deleted)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    args = parser.parse_args(argv)
+    common.apply_threads(args.threads)
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in args.sizes:
+        hidden, layers = (int(x) for x in size.split(":"))
+        rows.append(measure(args, hidden, layers, workdir))
+        print(f"  {size}: save {rows[-1]['save_total_s']:.2f} s, load {rows[-1]['load_total_s']:.2f} s, "
+              f"{rows[-1]['mib_total']:.1f} MiB", flush=True)
+    info = common.machine()
+    table = common.print_table(rows, [
+        ("size", "H:L", "s"), ("params", "params", ",d"), ("mib_total", "MiB on disk", ".1f"),
+        ("bytes_engine", "engine B", ",d"), ("bytes_model_safetensors", "safetensors B", ",d"),
+        ("save_export_s", "export s", ".3f"), ("save_engine_s", "engine s", ".3f"),
+        ("save_safetensors_s", "st write s", ".3f"), ("save_finalize_s", "hash+fsync s", ".3f"),
+        ("save_total_s", "save s", ".3f"), ("load_verify_s", "verify s", ".3f"), ("load_engine_s", "engine load s", ".3f"),
+        ("load_safetensors_s", "st read s", ".3f"), ("load_total_s", "load s", ".3f"),
+        ("restored_exact", "exact", "")],
+        title=f"checkpoint [{args.kind}, vocab {args.vocab}, ZeRO-{rows[0]['zero_stage']}] on {info['device']}, "
+              f"load {info['load_avg_1_5_15'][0]:.1f}")
+    common.write_json(args.out, {"benchmark": "checkpoint", "machine": info, "rows": rows, "table": table,
+                                 "argv": sys.argv[1:] if argv is None else argv})
+    return 0 if all(row["restored_exact"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
