@@ -95,26 +95,27 @@ class EnergyHead(nn.Module):
 
 
 def pairwise_distance(a_PND: torch.Tensor, b_PMD: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """||a_n - b_m||^beta as [..., N, M], via ||a||^2 + ||b||^2 - 2 a.b (never an [..., N, M, D] tensor)."""
-    sq_PNM = (a_PND * a_PND).sum(-1)[..., :, None] + (b_PMD * b_PMD).sum(-1)[..., None, :] \
-        - 2 * a_PND @ b_PMD.transpose(-1, -2)
+    """||a_n - b_m||^beta as [..., N, M], via ||a||^2 + ||b||^2 - 2 a.b: no [..., N, M, D] tensor and no
+    copy of b (the squared norms are reductions)."""
+    sq_PNM = torch.linalg.vector_norm(a_PND, dim=-1).square()[..., :, None] \
+        + torch.linalg.vector_norm(b_PMD, dim=-1).square()[..., None, :] - 2 * a_PND @ b_PMD.transpose(-1, -2)
     return (sq_PNM.clamp_min(0) + SQRT_FLOOR) ** (beta / 2)
 
 
 def energy_score(samples_BTND: torch.Tensor, targets_BTMD: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """Per-position energy loss [B, T] (lower is better); computed in float32.
 
-    Both sets are centred on the (detached) mean of the model samples first: distances do not
-    change and the expansion ||x||^2 + ||y||^2 - 2 x.y loses less precision to cancellation.
+    The model samples are centred on their (detached) mean before their pairwise distances: the
+    distances do not change, and the expansion loses less precision to cancellation between
+    nearby samples.  Peak memory beyond the inputs is a few [B, T, N, M] tensors.
     """
     N = samples_BTND.shape[-2]
     if N < 2:
         raise ValueError(f"energy_score needs >= 2 model samples per position, got N={N}: "
                          "raise model.head.num_samples")
-    x = samples_BTND.float()
-    centre = x.detach().mean(dim=-2, keepdim=True)
-    x, y = x - centre, targets_BTMD.float() - centre
+    x, y = samples_BTND.float(), targets_BTMD.float()
     fit_BT = pairwise_distance(x, y, beta).mean(dim=(-2, -1))
+    x = x - x.detach().mean(dim=-2, keepdim=True)
     off_diagonal_NN = 1 - torch.eye(N, device=x.device)
     spread_BT = (pairwise_distance(x, x, beta) * off_diagonal_NN).sum(dim=(-2, -1)) / (N * (N - 1))
     return 2 * fit_BT - spread_BT

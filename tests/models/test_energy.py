@@ -117,6 +117,8 @@ def test_gradient_is_finite_where_samples_coincide():
     x[:, :, 1] = x[:, :, 0]                      # two model samples coincide
     y = torch.randn(2, 4, 5, 8, generator=g)
     y[:, :, 2] = x[:, :, 3]                      # a target coincides with a model sample
+    x[0, 0, 4] = 0.0                             # a sample at the origin (zero norm)
+    y[0, 0, 0] = 0.0
     x.requires_grad_(True)
     score = energy_score(x, y)
     score.sum().backward()
