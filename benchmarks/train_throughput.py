@@ -5,8 +5,8 @@
 For each model (tiny/small AR and CALM) and layout (1 process; 2 processes as DP=2 ZeRO-1 and
 as TP=2) it spawns the processes (gloo on CPU, one thread each), trains random tokens through
 TrainEngine and times the steps after warm-up.  MFU = model FLOP/s (calm_train.train.flops, the
-same count the training log uses) / (processes x the fp32 GEMM peak of one thread, measured in
-this run).  Prints a table and writes JSON.  Not a test.
+same count the training log uses) / (processes x the fp32 GEMM peak of one thread, measured by
+each process right after its timed steps).  Prints a table and writes JSON.  Not a test.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def worker(rank: int, world: int, port: int, model: str, layout: str, steps: int
     from calm_train.models.autoencoder import Autoencoder
     from calm_train.parallel import runtime
     from calm_train.parallel.engine import TrainEngine, build_world
+    from calm_train.train.flops import measure_peak_flops
     from calm_train.train.tasks import task_for
     cfg = build_config(model, layout)
     runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=0)
@@ -67,8 +68,11 @@ def worker(rank: int, world: int, port: int, model: str, layout: str, steps: int
         start = time.perf_counter()
         engine.train_step(tokens, torch.arange(per_rank) + step * GLOBAL_BATCH, step)
         times.append(time.perf_counter() - start)
+    # the MFU denominator is measured by every process right after its steps, under the same load
+    peak = torch.tensor([measure_peak_flops(world_.device, torch.float32, seconds=1.0)], dtype=torch.float64)
+    torch.distributed.all_reduce(peak)
     if rank == 0:
-        pathlib.Path(out).write_text(json.dumps(times[warmup:]))
+        pathlib.Path(out).write_text(json.dumps({"times": times[warmup:], "peak": float(peak) / world}))
     runtime.destroy()
 
 
@@ -85,9 +89,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from calm_train.train.flops import measure_peak_flops, train_flops_per_token
-    torch.set_num_threads(1)
-    peak = measure_peak_flops(torch.device("cpu"), torch.float32, seconds=1.0)
+    from calm_train.train.flops import train_flops_per_token
     rows = []
     for model in MODELS:
         for layout, (world, _) in LAYOUTS.items():
@@ -96,19 +98,19 @@ def main() -> None:
                 torch.multiprocessing.start_processes(
                     worker, args=(world, free_port(), model, layout, args.steps, args.warmup, out), nprocs=world,
                     start_method="spawn")
-                times = json.loads(pathlib.Path(out).read_text())
+                measured = json.loads(pathlib.Path(out).read_text())
             cfg = build_config(model, layout)
-            step_s = statistics.median(times)
+            step_s, peak = statistics.median(measured["times"]), measured["peak"]
             tokens_per_s = GLOBAL_BATCH * SEQ / step_s
             mfu = train_flops_per_token(cfg.model, SEQ) * tokens_per_s / (peak * world)
             rows.append({"model": model, "layout": layout, "processes": world, "step_s": step_s,
-                         "tokens_per_s": tokens_per_s, "mfu": mfu})
+                         "tokens_per_s": tokens_per_s, "peak_flops_per_process": peak, "mfu": mfu})
             print(f"{model:11s} {layout:10s} procs={world} step {step_s:7.3f}s  {tokens_per_s:9.0f} tok/s  "
-                  f"MFU {100 * mfu:5.2f}%", flush=True)
-    result = {"peak_flops_per_thread_fp32": peak, "seq_len": SEQ, "global_batch": GLOBAL_BATCH,
+                  f"peak {peak / 1e9:6.1f} GFLOP/s/proc  MFU {100 * mfu:5.1f}%", flush=True)
+    result = {"seq_len": SEQ, "global_batch": GLOBAL_BATCH,
               "micro_batch": MICRO, "vocab_size": VOCAB, "threads_per_process": 1, "rows": rows}
     pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"fp32 GEMM peak (1 thread): {peak / 1e9:.1f} GFLOP/s; wrote {args.out}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -147,8 +147,9 @@ class TrainEngine:
         if guarded:
             ds_cfg["gradient_clipping"] = 0.0
         _prepare_deepspeed(world)
-        self.ds, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg.train.weight_decay),
-                                                config=ds_cfg, mpu=MegatronMPU())
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=param_groups(module, cfg.train.weight_decay), config=ds_cfg,
+            mpu=MegatronMPU())
         self.guard = Stage0Guard(self.ds.optimizer, cfg.train.grad_clip) if guarded else None
         self.pipeline = Pipeline(self.ds, task, world, cfg, self.dtype) if world.pp_size > 1 else None
 
