@@ -37,8 +37,9 @@ class Job:
         return self.root / "tmp"
 
     def close(self) -> None:
+        """Remove the directory; a live process's own segments go with its resource tracker at exit."""
         if self.leader:
-            _remove_job(self.root)
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -14,6 +14,7 @@ import xxhash
 from calm_train.data.dataset_info import DataError, DatasetInfo, read_dataset_info
 from calm_train.data.tokenizer import sha256_file
 
+__all__ = ["DataError", "read_index", "verify_dataset", "verify_shards", "xxh64_file"]
 FIX = "Fix: rerun `calm-train prepare` for this directory (or restore it from a good copy)"
 
 
@@ -38,11 +39,10 @@ def read_index(split_dir) -> dict:
     return index
 
 
-def verify_shards(split_dir, seq_len: int | None = None, require_all: bool = True) -> int:
+def verify_shards(split_dir, seq_len: int | None = None) -> int:
     """Check each shard file of one split against index.json; returns the split's sample count.
 
-    A shard counts as present in its compressed (`zip_data`) or raw form; with require_all=False
-    (a loader's local cache) absent shards are allowed, present ones must still match.
+    A shard counts as present in its compressed (`zip_data`) or raw form; each present form must match.
     """
     split_dir = pathlib.Path(split_dir)
     index_path = split_dir / "index.json"
@@ -55,10 +55,7 @@ def verify_shards(split_dir, seq_len: int | None = None, require_all: bool = Tru
         forms = [shard[k] for k in ("zip_data", "raw_data") if shard.get(k)]
         present = [f for f in forms if (split_dir / f["basename"]).is_file()]
         if not present:
-            if require_all:
-                raise DataError(f"{split_dir / forms[0]['basename']}: shard file missing (listed in "
-                                f"{index_path}). {FIX}")
-            continue
+            raise DataError(f"{split_dir / forms[0]['basename']}: shard file missing (listed in {index_path}). {FIX}")
         for form in present:
             path = split_dir / form["basename"]
             size = path.stat().st_size
