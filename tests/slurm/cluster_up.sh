@@ -29,8 +29,10 @@ fi
 
 # 2. stop what this script started before under $BASE, then wipe state (fresh job ids, no old jobs)
 if [ -d "$BASE/run" ]; then "$HERE/cluster_down.sh" || true; fi
-rm -rf "$BASE/state" "$BASE/spool" "$BASE/run" "$BASE/log"
+rm -rf "$BASE/state" "$BASE/spool" "$BASE/run" "$BASE/log" "$BASE/node_tmp"
 mkdir -p "$BASE/state" "$BASE/run" "$BASE/log"
+printf '#!/bin/sh\necho "export TMPDIR=%s/node_tmp/$SLURMD_NODENAME"\n' "$BASE" > "$BASE/run/task_prolog.sh"
+chmod +x "$BASE/run/task_prolog.sh"
 for i in $(seq 1 "$NNODES"); do mkdir -p "$BASE/spool/slurmd-n$i"; done
 
 # 3. node names must resolve: jobs use the first node of SLURM_JOB_NODELIST as MASTER_ADDR
@@ -77,6 +79,7 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 KillWait=10
 MailProg=/bin/true
+TaskProlog=$BASE/run/task_prolog.sh
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
@@ -92,9 +95,15 @@ NodeName=n[1-$NNODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$((17000
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 
-# 6. daemons (they daemonize and write the pid files named above)
+# 6. daemons (they daemonize and write the pid files named above).  Each slurmd runs in its own
+#    mount namespace with a private /dev/shm, and TaskProlog gives its tasks a node-local TMPDIR,
+#    as on real nodes: node-local caches (e.g. mosaicml-streaming's shared memory) do not collide.
 slurmctld
-for i in $(seq 1 "$NNODES"); do slurmd -N "n$i"; done
+for i in $(seq 1 "$NNODES"); do
+  mkdir -p "$BASE/node_tmp/n$i"
+  unshare --mount --propagation private -- sh -c \
+      "mount -t tmpfs -o mode=1777 shm-n$i /dev/shm && exec slurmd -N n$i"
+done
 
 # 7. wait until every node is idle
 st=""

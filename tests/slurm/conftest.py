@@ -1,7 +1,7 @@
 """A real Slurm cluster on this machine for the tests in this directory (module-scoped).
 
 cluster_up.sh installs slurm-wlm + munge when missing and starts slurmctld plus one slurmd per
-emulated node n1, n2, with all state under a temporary directory; cluster_down.sh stops exactly
+emulated node n1..n4 (two 2-node jobs run side by side), with all state under a temporary directory; cluster_down.sh stops exactly
 the daemons it started (by saved PIDs).  Needs root; skips with the reason when not root or when
 the packages cannot be installed.
 """
@@ -21,6 +21,7 @@ REPO = HERE.parents[1]
 VENV_BIN = pathlib.Path(sys.executable).parent
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+NODES = 4
 
 
 class SlurmCluster:
@@ -84,7 +85,7 @@ def slurm_cluster(tmp_path_factory) -> SlurmCluster:
     if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
         pytest.skip("slurm-wlm is not installed and there is no apt-get to install it")
     base = tmp_path_factory.mktemp("slurm_cluster")
-    env = {**os.environ, "SLURM_CI_BASE": str(base), "SLURM_CI_NODES": "2"}
+    env = {**os.environ, "SLURM_CI_BASE": str(base), "SLURM_CI_NODES": str(NODES)}
     up = subprocess.run([str(HERE / "cluster_up.sh")], env=env, capture_output=True, text=True, timeout=300)
     if up.returncode != 0:
         subprocess.run([str(HERE / "cluster_down.sh")], env=env, capture_output=True, timeout=120)
@@ -93,7 +94,7 @@ def slurm_cluster(tmp_path_factory) -> SlurmCluster:
         pytest.fail(f"cluster_up.sh failed ({up.returncode}):\n{up.stdout}\n{up.stderr}")
     print(up.stdout.strip())
     try:
-        yield SlurmCluster(base, nodes=2)
+        yield SlurmCluster(base, nodes=NODES)
     finally:
         down = subprocess.run([str(HERE / "cluster_down.sh")], env=env, capture_output=True, text=True,
                               timeout=120)
