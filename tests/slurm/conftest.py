@@ -49,6 +49,9 @@ class SlurmCluster:
         """JOBSTATE of one job (or array task), including finished ones (squeue --states=all)."""
         return self.run("squeue", "-h", "--states=all", "-j", str(job), "-o", "%T").splitlines()[0]
 
+    def done(self, job: int) -> bool:
+        return self.state(job) in DONE_STATES
+
     def field(self, job: int, name: str) -> str:
         for token in self.run("scontrol", "show", "job", str(job)).split():
             if token.startswith(f"{name}="):
