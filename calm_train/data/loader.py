@@ -184,7 +184,11 @@ class TokenLoader:
         self.samples_seen = state.get("samples_seen", 0)
 
     def close(self) -> None:
-        """Drop the dataset and remove this job's cache and shared memory (collective)."""
+        """Stop streaming's prefetch threads and remove this job's cache directory (collective)."""
+        if getattr(self.dataset, "_iterator", None) is not None:
+            self.dataset._iterator.exit()
+        if getattr(self.dataset, "_executor", None) is not None:
+            self.dataset._executor.shutdown(wait=True)
         self._loader = self.dataset = None
         dist = _dist()
         if dist:

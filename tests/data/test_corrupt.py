@@ -74,6 +74,6 @@ def test_loader_preflight_and_no_hang(rank_pool, prepared, tmp_path):
     # without the pre-flight streaming's own hash check fails inside the epoch: an exception, not a
     # silent short epoch (0 workers) and not a hang (2 workers: the batch timeout fires)
     for workers in (0, 2):
-        result = rank_pool.run("dist_cases:expect_error", 1, str(flipped), 4, workers, 20, False, timeout=180)[0]
+        result = rank_pool.run("dist_cases:expect_error", 1, str(flipped), 4, workers, 10, False, timeout=180)[0]
         assert result is not None, f"workers={workers}: a corrupt shard went unnoticed"
         assert result[0] in ("DataError", "RuntimeError", "ValueError"), result
