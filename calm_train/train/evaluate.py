@@ -137,7 +137,8 @@ def evaluate_run(run, step: int) -> dict[str, float]:
     from calm_train.data.loader import TokenLoader
     cfg = run.cfg
     data_dir, split = validation_source(cfg)
-    loader = TokenLoader(data_dir, split, batch_size=cfg.train.micro_batch, dp_rank=run.world.dp_rank,
+    per_batch = cfg.train.micro_batch * cfg.parallel.pp      # a pipeline needs >= pp microbatches per batch
+    loader = TokenLoader(data_dir, split, batch_size=per_batch, dp_rank=run.world.dp_rank,
                          dp_size=run.dp, seed=cfg.train.seed, shuffle=False, verify=False)
     totals: dict = {}
     model = run.engine.model

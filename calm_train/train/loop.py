@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 import shutil
+import socket
 import time
 
 import torch
@@ -142,6 +144,9 @@ class Run:
 
     # ------------------------------------------------------------------------------------------
     def resume(self, latest: pathlib.Path | None) -> Progress:
+        nodes = [None] * self.world_size
+        dist.all_gather_object(nodes, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+        self.log.event("ranks on nodes: " + ", ".join(f"{rank}:{node}" for rank, node in enumerate(nodes)))
         if latest is None:
             self.log.event(f"starting {self.cfg.model.kind} run in {self.run_dir} on {self.world_size} process(es): "
                            f"tp={self.cfg.parallel.tp} pp={self.cfg.parallel.pp} dp={self.dp} "
@@ -194,6 +199,7 @@ class Run:
         self.build()
         progress = self.resume(latest)
         self.log.resume_at(progress.step)
+        resumed_at = progress.step
         stop = StopRequest().install()
         tokens_per_step = t.global_batch * cfg.data.seq_len
         started = time.monotonic() - progress.elapsed_s
@@ -239,7 +245,7 @@ class Run:
                     self.log.event(f"{reason}: checkpoint saved at step {progress.step}; exit {EXIT_REQUEUE} "
                                    "(relaunch the same command to resume)")
                     return EXIT_REQUEUE
-            if latest is None or progress.step > json.loads((latest / "state.json").read_text())["progress"]["step"]:
+            if progress.step > resumed_at:   # `latest` itself may be pruned by now (train.keep_last)
                 self.save(progress)
             self.evaluate(progress.step)
             self.log.event(f"done: {progress.step} steps, {progress.tokens} tokens in {progress.elapsed_s:.1f}s")
