@@ -224,6 +224,8 @@ def _coerce(hint, value, dotted: str):
         if type(None) in get_args(hint):
             return None
         raise ConfigError(dotted, "must not be empty", f"give a {allowed[0].__name__}")
+    if isinstance(value, str) and (float in allowed or int in allowed):
+        value = _number(value)                # YAML 1.1 reads 3e-4 (no dot) as a string
     for typ in allowed:
         if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -237,6 +239,15 @@ def _coerce(hint, value, dotted: str):
             return str(value)
     raise ConfigError(dotted, f"expected {' or '.join(t.__name__ for t in allowed)}, got {value!r}",
                       "give a value of that type")
+
+
+def _number(text: str):
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
 
 
 def config_from_tree(tree: dict) -> Config:

@@ -25,6 +25,7 @@ def test_paper_sizes():
 
 
 def test_overrides_are_typed():
+    assert load_config("tiny_calm", CALM + ["train.lr=3e-4"]).train.lr == 3e-4      # no dot: YAML 1.1 says str
     cfg = load_config("tiny_calm", CALM + ["train.lr=0.01", "parallel.tp=2", "train.steps=7", "data.seq_len=64",
                                            "parallel.sequence_parallel=true"])
     assert (cfg.train.lr, cfg.parallel.tp, cfg.train.steps, cfg.data.seq_len) == (0.01, 2, 7, 64)
