@@ -152,23 +152,31 @@ class Run:
                            f"tp={self.cfg.parallel.tp} pp={self.cfg.parallel.pp} dp={self.dp} "
                            f"zero={self.cfg.parallel.zero_stage}")
             return Progress()
-        progress = Progress(**json.loads((latest / "state.json").read_text())["progress"])
-        self.engine.load_checkpoint(latest / "engine", "state")
-        rng_file = latest / "rng" / f"rank_{self.rank:05d}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        from calm_train.train.reshard import layout_of, reshard
+        saved = json.loads((latest / "state.json").read_text())
+        progress = Progress(**saved["progress"])
+        layout = layout_of(self.cfg, self.world_size)
+        if saved.get("layout", layout) == layout:
+            self.engine.load_checkpoint(latest / "engine", "state")
+            rng_file = latest / "rng" / f"rank_{self.rank:05d}.pt"
+            if rng_file.is_file():
+                set_rng_state(torch.load(rng_file, weights_only=False))
+            message = f"resumed from {latest} at step {progress.step}"
+        else:
+            message = reshard(self.engine, latest, saved, layout, self.cfg, progress)
         if progress.loader is not None:
             self.loader.load_state_dict(progress.loader)
-        self.log.event(f"resumed from {latest} at step {progress.step}")
+        self.log.event(message)
         return progress
 
     def save(self, progress: Progress) -> None:
         progress.loader = self.loader.state_dict()
+        from calm_train.train.reshard import layout_of, optimizer_export, write_optimizer
         state = {"progress": dataclasses.asdict(progress), "config_hash": config_hash(self.cfg),
                  "autoencoder": self.autoencoder_ref.describe() if self.autoencoder_ref else None,
-                 "layout": {"world_size": self.world_size, "tp": self.cfg.parallel.tp, "pp": self.cfg.parallel.pp,
-                            "dp": self.dp, "zero_stage": self.cfg.parallel.zero_stage}}
+                 "layout": layout_of(self.cfg, self.world_size)}
         export = self.engine.state_for_export()
+        moments, moments_metadata = optimizer_export(self.engine)
 
         def write(directory: pathlib.Path) -> None:
             self.engine.save_checkpoint(directory / "engine", "state", {"step": progress.step})
@@ -177,6 +185,7 @@ class Run:
             if self.rank == 0:
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in export.items()}, str(directory / "model.safetensors"))
+                write_optimizer(directory, moments, moments_metadata)
                 (directory / "state.json").write_text(json.dumps(state, indent=1))
                 (directory / "config.yaml").write_text(to_yaml(self.cfg))
                 shutil.copytree(self.run_dir / "tokenizer", directory / "tokenizer")
