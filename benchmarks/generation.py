@@ -104,13 +104,16 @@ def main(argv: list[str] | None = None) -> int:
                      "cache_cpu_speedup": (timing[model, temperature, False]["cpu_median_s"]
                                            / timing[model, temperature, True]["cpu_median_s"]) if cache else None,
                      "cache_tokens_equal": outputs[model, temperature, True] == outputs[model, temperature, False],
-                     "calm_vs_ar": (timing["ar", temperature, cache]["median_s"] / seconds) if model == "calm" else None})
+                     "calm_vs_ar": (timing["ar", temperature, cache]["median_s"] / seconds) if model == "calm" else None,
+                     "calm_vs_ar_cpu": (timing["ar", temperature, cache]["cpu_median_s"]
+                                        / timing[model, temperature, cache]["cpu_median_s"]) if model == "calm" else None})
     info = common.machine()
     table = common.print_table(rows, [
         ("model", "model", "s"), ("temperature", "T", ".1f"), ("kv_cache", "cache", ""), ("steps", "steps", "d"),
         ("seconds", "s", ".3f"), ("new_tokens_per_s", "new tok/s", ",.1f"), ("ms_per_step", "ms/step", ".1f"),
         ("new_tokens_per_cpu_s", "new tok/cpu-s", ",.1f"), ("cache_speedup", "cache x", ".2f"),
         ("cache_cpu_speedup", "cache x cpu", ".2f"), ("calm_vs_ar", "CALM/AR x", ".2f"),
+        ("calm_vs_ar_cpu", "CALM/AR x cpu", ".2f"),
         ("cache_tokens_equal", "same tokens", "")],
         title=f"generation [{args.config}] on {info['device']}, {info['torch_threads']} threads, load "
               f"{info['load_avg_1_5_15'][0]:.1f}; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
