@@ -83,7 +83,7 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         loader = TokenLoader(data_dir, split, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
                              shuffle=False, verify=True)
         totals: dict = {}
-        tokens_seen, limit = 0, max_tokens or loader.tokens_per_epoch
+        tokens_seen, limit = 0, max_tokens or loader.num_samples * cfg.data.seq_len
         for batch in loader:
             tokens = batch["tokens"].to(world.device)
             accumulate(totals, batch_metric_sums(cfg.model.kind, loaded.model, loaded.autoencoder, tokens,
