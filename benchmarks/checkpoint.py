@@ -9,8 +9,9 @@ tokens (so the AdamW state exists), then a save as the training loop writes it
 (calm_train/train/loop.py Run.save) through calm_train.train.checkpoint.CheckpointManager:
 
   export     engine.state_for_export(): the full fp32 model gathered for model.safetensors
+  optim export  reshard.optimizer_export(): the full Adam moments gathered for optimizer.safetensors
   engine     engine.save_checkpoint: DeepSpeed's model states and ZeRO optimizer partitions
-  safetensors  the consolidated model.safetensors (plus autoencoder.safetensors for CALM)
+  safetensors  model.safetensors, optimizer.safetensors (plus autoencoder.safetensors for CALM)
   rest       rng state, state.json
   finalize   the manager's work after the files: sha256 of every file, fsync, manifest, rename, latest
 
@@ -21,6 +22,8 @@ then one more step (the weights move away from the saved ones) and a load as a r
   engine     engine.load_checkpoint (model + optimizer state); the restored weights are compared
              with the saved model.safetensors (`restored_exact`)
   safetensors  safetensors.torch.load_file of model.safetensors
+  reshard    (after one more step) calm_train.train.reshard.reshard: the layout-free weights + Adam moments into the built
+             engine, what a resume in another tp/pp/dp/ZeRO layout does (`reshard_exact`)
 
 Bytes on disk per part.  The run directories live under --workdir and are deleted afterwards.
 """
@@ -40,6 +43,8 @@ from calm_train.config import load_config
 from calm_train.models.autoencoder import Autoencoder
 from calm_train.parallel import runtime
 from calm_train.train.checkpoint import CheckpointManager, rng_state, verify_checkpoint
+from calm_train.train.loop import Progress
+from calm_train.train.reshard import OPTIMIZER_FILE, layout_of, optimizer_export, reshard, write_optimizer
 from calm_train.train.tasks import task_for
 
 SEQ_LEN, BATCH = 64, 2
@@ -57,6 +62,10 @@ def build_config(args, hidden: int, layers: int, run_dir: pathlib.Path):
 
 def directory_bytes(path: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def timed(fn):
@@ -86,6 +95,7 @@ def measure(args, hidden: int, layers: int, workdir: pathlib.Path) -> dict:
             engine.train_step(tokens_BL, ids, 1)
             times: dict[str, float] = {}
             export, times["save_export_s"] = timed(engine.state_for_export)
+            (moments, moments_metadata), times["save_export_optimizer_s"] = timed(lambda: optimizer_export(engine))
 
             def write(directory: pathlib.Path) -> None:
                 _, times["save_engine_s"] = timed(lambda: engine.save_checkpoint(directory / "engine", "state",
@@ -93,6 +103,7 @@ def measure(args, hidden: int, layers: int, workdir: pathlib.Path) -> dict:
 
                 def consolidated():
                     save_file({k: v.contiguous() for k, v in export.items()}, str(directory / "model.safetensors"))
+                    write_optimizer(directory, moments, moments_metadata)
                     if autoencoder is not None:
                         save_autoencoder_file(autoencoder, directory)
                 _, times["save_safetensors_s"] = timed(consolidated)
@@ -107,24 +118,31 @@ def measure(args, hidden: int, layers: int, workdir: pathlib.Path) -> dict:
             path, manager_s = timed(lambda: manager.save(1, write, {"kind": m.kind}))
             written = sum(times[k] for k in ("save_engine_s", "save_safetensors_s", "save_rest_s"))
             times["save_finalize_s"] = manager_s - written
-            times["save_total_s"] = manager_s + times["save_export_s"]
+            times["save_total_s"] = manager_s + times["save_export_s"] + times["save_export_optimizer_s"]
 
             engine.train_step(tokens_BL, ids, 2)
             _, times["load_verify_s"] = timed(lambda: verify_checkpoint(path, hashes=True))
             _, times["load_engine_s"] = timed(lambda: engine.load_checkpoint(path / "engine", "state"))
             saved, times["load_safetensors_s"] = timed(lambda: load_file(str(path / "model.safetensors")))
             times["load_total_s"] = times["load_verify_s"] + times["load_engine_s"] + times["load_safetensors_s"]
-            restored = engine.state_for_export()
-            exact = saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+            exact = equal(saved, engine.state_for_export())
+            engine.train_step(tokens_BL, ids, 2)
+            layout = layout_of(cfg, 1)
+            _, times["load_reshard_s"] = timed(lambda: reshard(engine, path, {"layout": layout}, layout, cfg,
+                                                               Progress(step=1)))
+            reshard_exact = equal(saved, engine.state_for_export())
             params = sum(v.numel() for v in export.values())
         total = directory_bytes(path)
         engine_bytes = directory_bytes(path / "engine")
         safetensors_bytes = (path / "model.safetensors").stat().st_size
+        optimizer_bytes = (path / OPTIMIZER_FILE).stat().st_size
         return {"size": f"{hidden}:{layers}", "kind": m.kind, "zero_stage": cfg.parallel.zero_stage, "hidden": hidden, "layers": layers, "params": params,
                 "fp32_model_mib": 4 * params / common.MIB, "bytes_total": total, "bytes_engine": engine_bytes,
-                "bytes_model_safetensors": safetensors_bytes, "bytes_other": total - engine_bytes - safetensors_bytes,
-                "mib_total": total / common.MIB, "save_mib_per_s": total / common.MIB / times["save_total_s"],
-                "restored_exact": exact, **times}
+                "bytes_model_safetensors": safetensors_bytes, "bytes_optimizer_safetensors": optimizer_bytes,
+                "bytes_other": total - engine_bytes - safetensors_bytes - optimizer_bytes,
+                "bytes_per_param": total / params, "mib_total": total / common.MIB,
+                "save_mib_per_s": total / common.MIB / times["save_total_s"],
+                "restored_exact": exact, "reshard_exact": reshard_exact, **times}
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -149,17 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     info = common.machine()
     table = common.print_table(rows, [
         ("size", "H:L", "s"), ("params", "params", ",d"), ("mib_total", "MiB on disk", ".1f"),
-        ("bytes_engine", "engine B", ",d"), ("bytes_model_safetensors", "safetensors B", ",d"),
-        ("save_export_s", "export s", ".3f"), ("save_engine_s", "engine s", ".3f"),
+        ("bytes_per_param", "B/param", ".1f"), ("bytes_engine", "engine B", ",d"),
+        ("bytes_model_safetensors", "model.st B", ",d"), ("bytes_optimizer_safetensors", "optim.st B", ",d"),
+        ("save_export_s", "export s", ".3f"), ("save_export_optimizer_s", "optim export s", ".3f"), ("save_engine_s", "engine s", ".3f"),
         ("save_safetensors_s", "st write s", ".3f"), ("save_finalize_s", "hash+fsync s", ".3f"),
         ("save_total_s", "save s", ".3f"), ("load_verify_s", "verify s", ".3f"), ("load_engine_s", "engine load s", ".3f"),
         ("load_safetensors_s", "st read s", ".3f"), ("load_total_s", "load s", ".3f"),
-        ("restored_exact", "exact", "")],
+        ("restored_exact", "exact", ""), ("load_reshard_s", "reshard s", ".3f"), ("reshard_exact", "exact", "")],
         title=f"checkpoint [{args.kind}, vocab {args.vocab}, ZeRO-{rows[0]['zero_stage']}] on {info['device']}, "
               f"load {info['load_avg_1_5_15'][0]:.1f}")
     common.write_json(args.out, {"benchmark": "checkpoint", "machine": info, "rows": rows, "table": table,
                                  "argv": sys.argv[1:] if argv is None else argv})
-    return 0 if all(row["restored_exact"] for row in rows) else 1
+    return 0 if all(row["restored_exact"] and row["reshard_exact"] for row in rows) else 1
 
 
 if __name__ == "__main__":
