@@ -28,13 +28,14 @@ import gc
 import math
 import sys
 
-import common  # noqa: F401  (sets the environment before DeepSpeed is imported)
+import common  # first: it sets the environment before anything imports DeepSpeed
 import torch
 
 from calm_train.config import load_config
 from calm_train.models.autoencoder import Autoencoder
 from calm_train.models.rng import SampleRNG, sample_seeds
 from calm_train.parallel import runtime
+from calm_train.parallel.engine import TrainEngine, build_world, param_groups
 from calm_train.train.tasks import task_for
 
 # Named sizes: (base config, overrides, default seq_len, default micro_batch).  "small" has the backbone of
@@ -86,7 +87,6 @@ class PlainTrainer:
     """The CALM model + torch AdamW (decay on matrices only, as the engine) + global-norm clipping."""
 
     def __init__(self, cfg, task, device: torch.device, loss: str):
-        from calm_train.parallel.engine import param_groups
         self.cfg, self.task, self.device, self.loss_kind = cfg, task, device, loss
         dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
         self.model = task.build_model(cfg, params_dtype=dtype).to(device)
@@ -116,7 +116,6 @@ class PlainTrainer:
 
 class EngineTrainer:
     def __init__(self, cfg, task):
-        from calm_train.parallel.engine import TrainEngine, build_world
         self.engine = TrainEngine(cfg, task, build_world(cfg))
         self.model = self.engine.model
 

@@ -36,13 +36,16 @@ import sys
 import tempfile
 import time
 
-import common  # noqa: F401  (sets the environment before DeepSpeed is imported)
+import common  # first: it sets the environment before anything imports DeepSpeed
 import torch
+from safetensors.torch import load_file, save_file
 
 from calm_train.config import load_config
 from calm_train.models.autoencoder import Autoencoder
 from calm_train.parallel import runtime
+from calm_train.parallel.engine import TrainEngine, build_world
 from calm_train.train.checkpoint import CheckpointManager, rng_state, verify_checkpoint
+from calm_train.train.inference import save_autoencoder_file
 from calm_train.train.loop import Progress
 from calm_train.train.reshard import OPTIMIZER_FILE, layout_of, optimizer_export, reshard, write_optimizer
 from calm_train.train.tasks import task_for
@@ -75,10 +78,6 @@ def timed(fn):
 
 
 def measure(args, hidden: int, layers: int, workdir: pathlib.Path) -> dict:
-    from safetensors.torch import load_file, save_file
-
-    from calm_train.parallel.engine import TrainEngine, build_world
-    from calm_train.train.inference import save_autoencoder_file
     run_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"ckpt_{hidden}x{layers}_", dir=workdir))
     cfg = build_config(args, hidden, layers, run_dir)
     m = cfg.model

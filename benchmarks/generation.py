@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-import common  # noqa: F401  (sets the environment before DeepSpeed is imported)
+import common  # first: it sets the environment before anything imports DeepSpeed
 import torch
 
 from calm_train.config import load_config
