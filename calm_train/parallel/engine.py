@@ -143,6 +143,11 @@ class TrainEngine:
             add_sequence_parallel_hooks(model)
         module = TrainModule(task, model, pipelined=world.pp_size > 1)
         ds_cfg = deepspeed_config(cfg, world.dp_size, world.device)
+        # DeepSpeed's default 5e8-element buckets allocate ~2 GiB fp32 per step even for a tiny model: a bucket
+        # never needs more elements than the model has trainable parameters (a preset's own value wins)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            ds_cfg["zero_optimization"].setdefault(key, int(min(5e8, max(1e6, trainable))))
         guarded = cfg.parallel.zero_stage == 0 and self.dtype == torch.float32
         if guarded:
             ds_cfg["gradient_clipping"] = 0.0
