@@ -106,7 +106,7 @@ def _prepare(args: argparse.Namespace) -> int:
     if array:
         print(json.dumps({"task": index, "num_shards": num_shards, "wall_s": round(time.time() - start, 2)}))
         return 0
-    info = merge(out, workers=args.workers)
+    info = merge(out, workers=args.workers, tokenizer=tokenizer)
     print(json.dumps({"out": str(out), "splits": info.splits, "documents": info.documents,
                       "text_mb": round(info.text_bytes / 1e6, 3), "wall_s": round(time.time() - start, 2)}))
     return 0

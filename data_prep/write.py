@@ -3,7 +3,8 @@
 The tasks' chunks are put back in input order into one virtual token stream per split, cut into
 samples of seq_len tokens (the last one filled with PAD).  Samples are grouped into fixed parts of
 `samples_per_shard`; each part is one zstd MDS shard with xxh64 hashes, written by a pool of
-processes into <split>/part-NNNNN/, and the parts' indexes are merged into <split>/index.json.
+processes into <split>/part-NNNNN/ (data_prep.mds), and the parts' indexes are merged into
+<split>/index.json.
 The layout depends only on the input and the settings, never on the number of workers or tasks.
 """
 from __future__ import annotations
@@ -16,8 +17,9 @@ import shutil
 import numpy as np
 
 from calm_train.data.dataset_info import DataError, DatasetInfo, write_dataset_info
-from calm_train.data.tokenizer import load_tokenizer
+from calm_train.data.tokenizer import Tokenizer, load_tokenizer
 from data_prep.encode import SPLITS, task_dir
+from data_prep.mds import write_shard
 from data_prep.packing import TOKEN_DTYPE, cut_sequences
 
 
@@ -68,32 +70,23 @@ def read_range(segments: list[tuple[str, int, int]], start: int, stop: int) -> n
     return np.concatenate(parts) if parts else np.zeros(0, TOKEN_DTYPE)
 
 
-def write_part(job: tuple) -> str:
-    """Write samples [first, first + count) of a split as one MDS shard in `part_dir`."""
-    from streaming import MDSWriter
-
+def write_part(job: tuple) -> dict:
+    """Write samples [first, first + count) of a split as one MDS shard in `part_dir`; its index entry."""
     segments, part_dir, first, count, seq_len, pad_id = job
     tokens = read_range(segments, first * seq_len, (first + count) * seq_len)
-    samples = cut_sequences(tokens, seq_len, pad_id)
     shutil.rmtree(part_dir, ignore_errors=True)
-    limit = count * (4 * seq_len + 8) + (1 << 16)
-    with MDSWriter(out=part_dir, columns={"tokens": f"ndarray:uint32:{seq_len}"}, compression="zstd",
-                   hashes=["xxh64"], size_limit=limit) as writer:
-        for row in samples:
-            writer.write({"tokens": row})
-    return str(pathlib.Path(part_dir) / "index.json")
+    return write_shard(part_dir, cut_sequences(tokens, seq_len, pad_id), count * (4 * seq_len + 8) + (1 << 16))
 
 
-def merge_indexes(split_dir: pathlib.Path, part_indexes: list[str]) -> None:
-    """<split>/index.json listing every part's shards, basenames relative to the split."""
+def merge_indexes(split_dir: pathlib.Path, part_dirs: list[str], entries: list[dict]) -> None:
+    """<split>/index.json listing every part's shard, basenames relative to the split."""
     shards = []
-    for path in part_indexes:
-        part = pathlib.Path(path).parent.name
-        for shard in json.loads(pathlib.Path(path).read_text())["shards"]:
-            for key in ("raw_data", "zip_data"):
-                if shard.get(key):
-                    shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
-            shards.append(shard)
+    for part_dir, entry in zip(part_dirs, entries):
+        part = pathlib.Path(part_dir).name
+        shard = dict(entry)
+        for key in ("raw_data", "zip_data"):
+            shard[key] = dict(entry[key], basename=f"{part}/{entry[key]['basename']}")
+        shards.append(shard)
     tmp = split_dir / "index.json.tmp"
     tmp.write_text(json.dumps({"version": 2, "shards": shards}, sort_keys=True))
     tmp.replace(split_dir / "index.json")
@@ -109,21 +102,25 @@ def write_split(out: pathlib.Path, split: str, segments, seq_len: int, pad_id: i
     jobs = [(segments, str(split_dir / f"part-{p:05d}"), first, min(per_shard, samples - first), seq_len, pad_id)
             for p, first in enumerate(range(0, samples, per_shard))]
     if workers <= 1 or len(jobs) == 1:
-        indexes = [write_part(j) for j in jobs]
+        entries = [write_part(j) for j in jobs]
     else:
         with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            indexes = pool.map(write_part, jobs, chunksize=1)
-    merge_indexes(split_dir, indexes)
+            entries = pool.map(write_part, jobs, chunksize=1)
+    merge_indexes(split_dir, [j[1] for j in jobs], entries)
     return samples
 
 
-def merge(out, workers: int = 1, keep_work: bool = False) -> DatasetInfo:
-    """Turn the finished tasks in out/.work into the prepared directory `out`."""
+def merge(out, workers: int = 1, keep_work: bool = False, tokenizer: Tokenizer | None = None) -> DatasetInfo:
+    """Turn the finished tasks in out/.work into the prepared directory `out`.
+
+    `tokenizer`: the one the tasks used, when the caller has it loaded (else read from task 0).
+    """
     out = pathlib.Path(out)
     tasks = read_tasks(out)
     st = tasks[0]["settings"]
-    tok_dir = task_dir(out, 0, st["num_shards"]) / "tokenizer"
-    tokenizer = load_tokenizer(tok_dir / tasks[0]["tokenizer_main"])
+    if tokenizer is None or tokenizer.sha256 != st["tokenizer_sha256"]:
+        tok_dir = task_dir(out, 0, st["num_shards"]) / "tokenizer"
+        tokenizer = load_tokenizer(tok_dir / tasks[0]["tokenizer_main"])
     tokenizer.save(out)
     stats = {s: {k: sum(t["stats"][s].get(k, 0) for t in tasks) for k in
                  ("documents", "text_bytes", "text_tokens", "pad_tokens")} for s in SPLITS}
