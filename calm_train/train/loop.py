@@ -204,6 +204,7 @@ class Run:
 
     def train(self) -> int:
         cfg, t = self.cfg, self.cfg.train
+        launched = time.monotonic()      # train.max_wallclock limits this launch (a job), not the whole run
         latest = self.preflight()
         self.build()
         progress = self.resume(latest)
@@ -227,9 +228,12 @@ class Run:
                     self.log.event(f"step {progress.step}: non-finite loss or gradient, update skipped "
                                    f"({progress.bad_in_a_row} in a row)")
                     if progress.bad_in_a_row >= t.max_bad_steps:
+                        good = self.checkpoints.latest()
+                        kept = (f"the last good checkpoint {good} is intact" if good else
+                                f"no checkpoint was saved yet in {self.checkpoints.root}")
                         raise UserError(f"{progress.bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
-                                        f"{t.max_bad_steps}); the last good checkpoint in {self.checkpoints.root} is "
-                                        "intact. Fix: lower train.lr, check the data, then relaunch to resume")
+                                        f"{t.max_bad_steps}); {kept}. Fix: lower train.lr, check the data, then "
+                                        "relaunch to resume")
                 else:
                     progress.bad_in_a_row = 0
                 step_s = time.monotonic() - step_start
@@ -245,7 +249,7 @@ class Run:
                     }, eta_s=step_s * (t.steps - progress.step))
                 if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.steps:
                     self.evaluate(progress.step)
-                out_of_time = bool(t.max_wallclock) and progress.elapsed_s >= t.max_wallclock
+                out_of_time = bool(t.max_wallclock) and time.monotonic() - launched >= t.max_wallclock
                 asked = any_rank(stop.requested or out_of_time)
                 if asked or (t.save_every and progress.step % t.save_every == 0 and progress.step < t.steps):
                     self.save(progress)
