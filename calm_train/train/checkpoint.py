@@ -22,6 +22,7 @@ import os
 import pathlib
 import random
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ def resolve_checkpoint(spec: str | os.PathLike) -> pathlib.Path:
     if (path / MANIFEST).is_file():
         return path
     if (path / "checkpoints").is_dir():
-        found = CheckpointManager(path).latest()
+        found = CheckpointManager(path, log=lambda message: print(message, file=sys.stderr)).latest()  # stdout: results
         if found is None:
             raise CheckpointError(f"{path}/checkpoints holds no complete checkpoint. Fix: train longer or point "
                                   "at a checkpoint directory")
