@@ -109,19 +109,26 @@ def _partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
+def _adam_tensors(optimizer) -> list[torch.Tensor]:
+    """The tensors Adam's state is keyed by: ZeRO-3's flat fp32 partitions (kept out of the param groups
+    between steps), else the parameters of the torch optimizer's groups."""
+    flat = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if flat is not None:
+        return list(flat)
+    return [p for group in _base_optimizer(optimizer).param_groups for p in group["params"]]
+
+
 def init_adam_state(optimizer, step: int) -> None:
     """Create Adam's state {step, exp_avg = 0, exp_avg_sq = 0} where torch has not yet (it does so lazily
     at the first step; the values are the ones it would create) and link DeepSpeed's per-parameter views
     into it, so the moments can be read and written before the first step of an engine."""
     base = _base_optimizer(optimizer)
-    for group in base.param_groups:
-        on_device = group.get("fused") or group.get("capturable")
-        for p in group["params"]:
-            state = base.state[p]
-            if not state:
-                state["step"] = torch.tensor(float(step), dtype=torch.float32,
-                                             device=p.device if on_device else "cpu")
-                state.update({key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in MOMENTS})
+    on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+    for p in _adam_tensors(optimizer):
+        state = base.state[p]
+        if not state:
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
+            state.update({key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in MOMENTS})
     if hasattr(optimizer, "_hp_optimizer_states_linked"):      # ZeRO 1/2 and bf16 wrappers
         # ZeRO 1/2 link once, after the first param group's step, when the other groups have no state
         # yet: their views stay empty ("exp_avg not found in optimizer state fragment").  Link again.
