@@ -1,0 +1,163 @@
+"""Launch and compare helpers for end-to-end runs of `calm-train` (one process, or torchrun with N ranks).
+
+One process: `calm_train(...)` runs to the end, `start(...)` returns the Popen.  Several processes:
+`Job` is one `torchrun --standalone` in its own session, its output in a log file; `Job.kill_all()` is
+kill -9 of torchrun and of every rank (torchrun starts each rank in a session of its own, so killing
+torchrun's process group alone would leave the ranks running), `Job.signal_ranks()` signals every rank
+as Slurm does.  Comparisons: `trajectory` (metrics lines) and `final_weights` (model.safetensors).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+
+def calm_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "calm_train", *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"calm-train {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "calm_train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def metrics(run_dir: pathlib.Path, name: str = "metrics.jsonl") -> list[dict]:
+    path = run_dir / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: pathlib.Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = metrics(run_dir)
+        if rows and rows[-1]["step"] >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (exit {proc.returncode}) before step {step}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def trajectory(run_dir: pathlib.Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["tokens"]) for r in metrics(run_dir)]
+
+
+def final_weights(run_dir: pathlib.Path) -> dict:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), f"{key} differs"
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun jobs
+
+
+def last_step(run_dir: pathlib.Path) -> int:
+    rows = metrics(run_dir)
+    return rows[-1]["step"] if rows else 0
+
+
+class Job:
+    """`torchrun --standalone --nproc-per-node N -m calm_train ARGS` in a session of its own, output appended
+    to `log`."""
+
+    def __init__(self, nproc: int, args: list[str], log: pathlib.Path):
+        self.log = log
+        with open(log, "a") as out:
+            out.write(f"\n===== torchrun --nproc-per-node {nproc} -m calm_train {' '.join(args)}\n")
+            out.flush()
+            self.offset = out.tell()
+            self.proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          "--nproc-per-node", str(nproc), "-m", "calm_train", *args],
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.nproc = nproc
+        self.ranks: list[int] = []
+
+    def output(self) -> str:
+        """What this launch wrote (the log may hold earlier launches before it)."""
+        with open(self.log) as f:
+            f.seek(self.offset)
+            return f.read()
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise AssertionError(f"torchrun did not end in {timeout}s:\n{self.output()[-4000:]}") from None
+
+    def rank_pids(self) -> list[int]:
+        """The rank processes: torchrun's children (found once, while it runs)."""
+        if len(self.ranks) < self.nproc:
+            pids = []
+            for children in pathlib.Path(f"/proc/{self.proc.pid}/task").glob("*/children"):
+                try:
+                    pids += [int(pid) for pid in children.read_text().split()]
+                except OSError:
+                    pass
+            self.ranks = sorted(pids)
+        return self.ranks
+
+    def wait_for_step(self, run_dir: pathlib.Path, step: int, timeout: float = 300) -> int:
+        """Poll metrics.jsonl until a row of step >= `step` (and every rank process is up); the step seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = last_step(run_dir)
+            if seen >= step and len(self.rank_pids()) == self.nproc:
+                return seen
+            if self.proc.poll() is not None:
+                raise AssertionError(f"torchrun ended (exit {self.proc.returncode}) before step {step}:\n"
+                                     f"{self.output()[-4000:]}")
+            time.sleep(0.02)
+        self.kill_all()
+        raise AssertionError(f"step {step} not reached in {timeout}s:\n{self.output()[-4000:]}")
+
+    def kill_all(self) -> None:
+        """kill -9 of torchrun first (so it cannot react), then of every rank's process group."""
+        groups = []
+        for pid in [self.proc.pid, *self.rank_pids()]:
+            try:
+                groups.append(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        for group in groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=60)
+        for pid in self.ranks:
+            wait_gone(pid)
+
+    def signal_ranks(self, sig: signal.Signals) -> None:
+        for pid in self.rank_pids():
+            os.kill(pid, sig)
+
+
+def wait_gone(pid: int, timeout: float = 60) -> None:
+    """Until `pid` has exited (a zombie waiting for its new parent to reap it counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still runs {timeout}s after SIGKILL")
