@@ -70,31 +70,32 @@ def iter_chunks(settings: Settings) -> Iterator[tuple[int, bool, list[str]]]:
 _TOKENIZER: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer_path: str | None, tokenizer: Tokenizer | None = None) -> None:
+    """Set the process's tokenizer: `tokenizer` if given (in-process run), else load the file."""
     global _TOKENIZER
     os.environ["RAYON_NUM_THREADS"] = "1"
-    _TOKENIZER = load_tokenizer(tokenizer_path)
+    _TOKENIZER = tokenizer or load_tokenizer(tokenizer_path)
 
 
 def encode_chunk(job: tuple[int, bool, list[str], float, int]) -> tuple[int, dict, dict]:
     """Tokenize one chunk; returns (chunk, {split: packed uint32 tokens}, {split: stats})."""
     c, all_val, docs, val_fraction, patch_size = job
     tok = _TOKENIZER
-    by_split: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
-    stats = {s: collections.Counter() for s in SPLITS}
+    by_split: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    text_bytes = dict.fromkeys(SPLITS, 0)
     for text in docs:
         split = "val" if all_val or is_val(text, val_fraction) else "train"
-        ids: list[int] = []
-        for piece in split_long(text):
-            ids += tok.encode(piece)
+        pieces = split_long(text)
+        ids = tok.encode_array(text) if len(pieces) == 1 else np.concatenate([tok.encode_array(p) for p in pieces])
         by_split[split].append(ids)
-        stats[split].update(documents=1, text_bytes=len(text.encode("utf-8", "surrogatepass")),
-                            text_tokens=len(ids))
-    packed = {}
-    for split in SPLITS:
-        packed[split] = pack_documents(by_split[split], tok.eos_id, tok.pad_id, patch_size)
-        stats[split]["pad_tokens"] = len(packed[split]) - stats[split]["text_tokens"] - stats[split]["documents"]
-    return c, packed, {s: dict(v) for s, v in stats.items()}
+        text_bytes[split] += len(text.encode("utf-8", "surrogatepass"))
+    packed, stats = {}, {}
+    for split, arrays in by_split.items():
+        packed[split] = pack_documents(arrays, tok.eos_id, tok.pad_id, patch_size)
+        text_tokens = sum(map(len, arrays))
+        stats[split] = {"documents": len(arrays), "text_bytes": text_bytes[split], "text_tokens": text_tokens,
+                        "pad_tokens": len(packed[split]) - text_tokens - len(arrays)}
+    return c, packed, stats
 
 
 def run_task(out: pathlib.Path, settings: Settings, tokenizer: Tokenizer, shard_index: int,
@@ -110,7 +111,7 @@ def run_task(out: pathlib.Path, settings: Settings, tokenizer: Tokenizer, shard_
     def write(result):
         c, packed, stats = result
         for s in SPLITS:
-            files[s].write(packed[s].tobytes())
+            files[s].write(packed[s].data)
             totals[s].update(stats[s])
         chunks.append([c] + [len(packed[s]) for s in SPLITS])
 
@@ -124,7 +125,7 @@ def run_task(out: pathlib.Path, settings: Settings, tokenizer: Tokenizer, shard_
 
     jobs = my_jobs()
     if workers <= 1:
-        _init_worker(str(tok_path))
+        _init_worker(None, tokenizer)
         for job in jobs:
             write(encode_chunk(job))
     else:

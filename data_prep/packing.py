@@ -14,16 +14,13 @@ def packed_length(n_tokens: int, patch_size: int) -> int:
     return -(-(n_tokens + 1) // patch_size) * patch_size
 
 
-def pack_documents(docs: list[list[int]], eos_id: int, pad_id: int, patch_size: int) -> np.ndarray:
-    """Concatenate `docs`, each followed by EOS and PAD up to a multiple of K."""
-    lengths = [packed_length(len(d), patch_size) for d in docs]
-    out = np.full(sum(lengths), pad_id, dtype=TOKEN_DTYPE)
-    pos = 0
-    for doc, length in zip(docs, lengths):
-        out[pos:pos + len(doc)] = doc
-        out[pos + len(doc)] = eos_id
-        pos += length
-    return out
+def pack_documents(docs: list[np.ndarray], eos_id: int, pad_id: int, patch_size: int) -> np.ndarray:
+    """Concatenate `docs` (uint32 arrays), each followed by EOS and PAD up to a multiple of K."""
+    tails = [np.array([eos_id] + [pad_id] * pads, TOKEN_DTYPE) for pads in range(patch_size)]
+    parts = []
+    for doc in docs:
+        parts += (doc, tails[-(len(doc) + 1) % patch_size])
+    return np.concatenate(parts, dtype=TOKEN_DTYPE) if parts else np.zeros(0, TOKEN_DTYPE)
 
 
 def cut_sequences(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:

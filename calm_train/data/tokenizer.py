@@ -20,6 +20,7 @@ import json
 import pathlib
 import re
 
+import numpy as np
 import tiktoken
 
 # Llama 3's split pattern; the default for a tiktoken file that does not name its own.
@@ -82,6 +83,12 @@ class Tokenizer:
         if self._enc is not None:
             return self._enc.encode_ordinary(text)
         return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode(text) as uint32 (tiktoken fills the array directly: no Python ints in between)."""
+        if self._enc is not None:
+            return self._enc.encode_to_numpy(text, disallowed_special=())
+        return np.asarray(self.encode(text), dtype=np.uint32)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Single-threaded batch encode (prepare parallelises over processes)."""
