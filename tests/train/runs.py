@@ -1,10 +1,11 @@
 """Launch and compare helpers for end-to-end runs of `calm-train` (one process, or torchrun with N ranks).
 
-One process: `calm_train(...)` runs to the end, `start(...)` returns the Popen.  Several processes:
-`Job` is one `torchrun --standalone` in its own session, its output in a log file; `Job.kill_all()` is
-kill -9 of torchrun and of every rank (torchrun starts each rank in a session of its own, so killing
-torchrun's process group alone would leave the ranks running), `Job.signal_ranks()` signals every rank
-as Slurm does.  Comparisons: `trajectory` (metrics lines) and `final_weights` (model.safetensors).
+One process: `calm_train(...)` runs to the end, `start(...)` returns the Popen.  `Job` is one launch in
+a session of its own, its output in a log file: `torchrun --standalone` for N > 1 processes, else plain
+`python -m calm_train`.  `Job.kill_all()` is kill -9 of torchrun and of every rank (torchrun starts each
+rank in a session of its own, so killing torchrun's process group alone would leave the ranks running),
+`Job.signal_ranks()` signals every rank as Slurm does.  Comparisons: `trajectory` (metrics lines) and
+`final_weights` (model.safetensors).
 """
 from __future__ import annotations
 
@@ -73,20 +74,19 @@ def last_step(run_dir: pathlib.Path) -> int:
 
 
 class Job:
-    """`torchrun --standalone --nproc-per-node N -m calm_train ARGS` in a session of its own, output appended
-    to `log`."""
+    """`torchrun --standalone --nproc-per-node N -m calm_train ARGS` (N = 1: `python -m calm_train ARGS`) in a
+    session of its own, output appended to `log`."""
 
     def __init__(self, nproc: int, args: list[str], log: pathlib.Path):
-        self.log = log
+        self.log, self.nproc = log, nproc
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []
         with open(log, "a") as out:
-            out.write(f"\n===== torchrun --nproc-per-node {nproc} -m calm_train {' '.join(args)}\n")
+            out.write(f"\n===== {' '.join(launcher)} -m calm_train {' '.join(args)}\n")
             out.flush()
             self.offset = out.tell()
-            self.proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                          "--nproc-per-node", str(nproc), "-m", "calm_train", *args],
+            self.proc = subprocess.Popen([sys.executable, *launcher, "-m", "calm_train", *args],
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.nproc = nproc
-        self.ranks: list[int] = []
+        self.ranks: list[int] = [self.proc.pid] if nproc == 1 else []
 
     def output(self) -> str:
         """What this launch wrote (the log may hold earlier launches before it)."""
@@ -130,7 +130,7 @@ class Job:
     def kill_all(self) -> None:
         """kill -9 of torchrun first (so it cannot react), then of every rank's process group."""
         groups = []
-        for pid in [self.proc.pid, *self.rank_pids()]:
+        for pid in dict.fromkeys([self.proc.pid, *self.rank_pids()]):
             try:
                 groups.append(os.getpgid(pid))
             except ProcessLookupError:

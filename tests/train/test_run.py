@@ -6,59 +6,16 @@ import os
 import pathlib
 import random
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from runs import assert_same_weights, calm_train, final_weights, metrics, start, trajectory, wait_for_step  # noqa: E402
+
 RESUME_STEPS = 10
 KILL_STEPS = sorted(random.Random(2026).sample(range(2, RESUME_STEPS), 3))   # >= 3 random kill points
-
-
-def calm_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "calm_train", *args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"calm-train {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "calm_train", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def metrics(run_dir: pathlib.Path, name: str = "metrics.jsonl") -> list[dict]:
-    path = run_dir / name
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def wait_for_step(proc: subprocess.Popen, run_dir: pathlib.Path, step: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = metrics(run_dir)
-        if rows and rows[-1]["step"] >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended (exit {proc.returncode}) before step {step}: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
-def trajectory(run_dir: pathlib.Path) -> list[tuple]:
-    return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["tokens"]) for r in metrics(run_dir)]
-
-
-def final_weights(run_dir: pathlib.Path) -> dict:
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return load_file(str(run_dir / "checkpoints" / latest / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert (a[key] == b[key]).all(), f"{key} differs"
 
 
 @pytest.fixture(scope="module")
