@@ -17,8 +17,6 @@ from calm_train.config import load_config
 
 VOCAB = 2048
 SEQ_LEN = 64
-AE_STEPS = 400
-CALM_STEPS = 120
 PROMPT = "The module provides"
 
 
@@ -60,24 +58,26 @@ def total_flops(run_dir: pathlib.Path) -> float:
 
 
 def plot_curves(out: pathlib.Path, runs: dict[str, pathlib.Path]) -> pathlib.Path:
+    """Training loss, held-out Brier-1 and BrierLM of each model against its training FLOPs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for label, run_dir in runs.items():
         rows = read_jsonl(run_dir / "metrics.jsonl")
-        ax_loss.plot([r["flops"] for r in rows], [r["loss"] for r in rows], label=label)
-    ax_loss.set(xlabel="training FLOPs", ylabel="training loss", title="Training loss (each model's own objective)")
-    ax_loss.set_yscale("log")
-    ax_loss.legend()
-    for label, run_dir in runs.items():
-        if label == "autoencoder":
-            continue
-        flops_at = {r["step"]: r["flops"] for r in read_jsonl(run_dir / "metrics.jsonl")}
-        rows = [r for r in read_jsonl(run_dir / "eval.jsonl") if "brierlm" in r]
-        ax_eval.plot([flops_at[r["step"]] for r in rows], [r["brierlm"] for r in rows], marker="o", label=label)
-    ax_eval.set(xlabel="training FLOPs", ylabel="BrierLM (x100, higher is better)", title="Held-out BrierLM")
-    ax_eval.legend()
+        axes[0].plot([r["flops"] for r in rows], [r["loss"] for r in rows], label=label)
+    axes[0].set(xlabel="training FLOPs", ylabel="training loss", title="Training loss (each model's own objective)",
+                yscale="log")
+    for ax, key, title in ((axes[1], "brier1", "Held-out Brier-1 (higher is better)"),
+                           (axes[2], "brierlm", "Held-out BrierLM (x100, higher is better)")):
+        for label, run_dir in runs.items():
+            flops_at = {r["step"]: r["flops"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+            rows = [r for r in read_jsonl(run_dir / "eval.jsonl") if key in r]
+            if rows:
+                ax.plot([flops_at[r["step"]] for r in rows], [r[key] for r in rows], marker="o", label=label)
+        ax.set(xlabel="training FLOPs", title=title)
+    for ax in axes:
+        ax.legend()
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=110)
@@ -91,19 +91,18 @@ def run_demo(out_dir: str = "demo_out") -> int:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare(out)
-    common = [f"data.train={data}", "train.eval_every=0"]
-    ae = train("tiny_autoencoder", out / "autoencoder", common + [f"train.steps={AE_STEPS}", "train.lr=3e-3"])
-    calm = train("tiny_calm", out / "calm", common + [f"train.steps={CALM_STEPS}", f"model.autoencoder={ae}",
-                                                    f"train.eval_every={CALM_STEPS // 4}"])
+    common = [f"data.train={data}"]
+    ae = train("demo_autoencoder", out / "autoencoder", common)
+    calm = train("demo_calm", out / "calm", common + [f"model.autoencoder={ae}"])
     calm_flops = total_flops(calm)
-    ar_cfg = load_config("tiny_ar", [f"data.train={data}", f"run_dir={out / 'ar'}"])
     from calm_train.data.dataset_info import read_dataset_info
     from calm_train.train.flops import train_flops_per_token
+    ar_cfg = load_config("demo_ar", common)
     ar_cfg.model.vocab_size = read_dataset_info(data).vocab_size
-    ar_tokens_per_step = ar_cfg.train.global_batch * SEQ_LEN
-    ar_steps = max(1, round(calm_flops / (train_flops_per_token(ar_cfg.model, SEQ_LEN) * ar_tokens_per_step)))
+    ar_flops_per_step = train_flops_per_token(ar_cfg.model, SEQ_LEN) * ar_cfg.train.global_batch * SEQ_LEN
+    ar_steps = max(1, round(calm_flops / ar_flops_per_step))
     say(f"AR baseline at matched training FLOPs: {ar_steps} steps")
-    ar = train("tiny_ar", out / "ar", common + [f"train.steps={ar_steps}",
+    ar = train("demo_ar", out / "ar", common + [f"train.steps={ar_steps}",
                                               f"train.eval_every={max(1, ar_steps // 4)}"])
     say("evaluating on held-out text")
     ae_eval = evaluate_checkpoint(str(ae))
