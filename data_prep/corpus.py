@@ -51,3 +51,20 @@ def write_corpus_jsonl(path, docs: list[str] | None = None) -> pathlib.Path:
         for text in default_corpus() if docs is None else docs:
             f.write(json.dumps({"text": text}) + "\n")
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m data_prep.corpus OUT.jsonl [--max-docs N]`: write the embedded corpus as JSON lines."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m data_prep.corpus", description=main.__doc__)
+    parser.add_argument("out", help="JSON lines file to write")
+    parser.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
+    args = parser.parse_args(argv)
+    docs = default_corpus()[:args.max_docs]
+    path = write_corpus_jsonl(args.out, docs)
+    print(f"{path}: {len(docs)} documents, {path.stat().st_size / 1e6:.2f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
