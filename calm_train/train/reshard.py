@@ -19,10 +19,11 @@ new layout, and no training draw uses them (every draw is seeded per sample, mod
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from calm_train.config import Config, data_parallel_size
 from calm_train.parallel.ds_config import lr_at
@@ -53,16 +54,36 @@ def write_optimizer(directory: pathlib.Path, moments: dict[str, torch.Tensor], m
     save_file({k: v.contiguous() for k, v in moments.items()}, str(directory / OPTIMIZER_FILE), metadata)
 
 
+class SafetensorsFile(Mapping):
+    """A safetensors file read one tensor at a time: a rank reads only what its own shard needs."""
+
+    def __init__(self, path: pathlib.Path):
+        self._file = safe_open(str(path), "pt")
+        self._keys = set(self._file.keys())
+        self.metadata = self._file.metadata() or {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def reshard(engine, checkpoint: pathlib.Path, saved: dict, layout: dict, cfg: Config, progress) -> str:
     """Load the layout-free state of `checkpoint` (state.json `saved`) into `engine`, built in `layout`.
     Every rank calls. Returns the log line: the two layouts, what was carried and what was not."""
-    load_full_weights(engine.model, load_file(str(checkpoint / "model.safetensors")))
+    load_full_weights(engine.model, SafetensorsFile(checkpoint / "model.safetensors"))
     carried, lost = ["weights"], ["per-rank RNG states (unused: training noise is seeded per sample)"]
     path = checkpoint / OPTIMIZER_FILE
     if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            step = int(f.metadata()["adam_step"])
-        load_full_optimizer_state(engine.model, engine.ds.optimizer, load_file(str(path)), step)
+        moments = SafetensorsFile(path)
+        step = int(moments.metadata["adam_step"])
+        load_full_optimizer_state(engine.model, engine.ds.optimizer, moments, step)
         carried.append(f"Adam moments and Adam step {step}")
     else:
         lost.insert(0, f"Adam moments ({OPTIMIZER_FILE} is missing: an older checkpoint; Adam restarts "
