@@ -111,7 +111,7 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0               # 0: only at the end and on signals
     eval_every: int = 0               # 0: only at the end
-    eval_batches: int = 8             # validation batches per evaluation
+    eval_batches: int = 8             # validation batches per evaluation, over all data-parallel ranks
     keep_last: int = 2                # checkpoints kept ...
     keep_every: int = 0               # ... plus every keep_every-th step (0: none)
     max_wallclock: float = 0.0        # seconds; save and exit before this (0: off)

@@ -11,6 +11,8 @@ Layout of one checkpoint:
     config.yaml        the run's resolved config
     tokenizer/         the run's tokenizer, so eval/generate/convert need only the checkpoint
     model.safetensors  the full fp32 model (TP/PP-gathered, ZeRO-consolidated): eval, export, reshard
+    optimizer.safetensors  Adam's moments under the same full names + the Adam step: reshard in another layout
+    autoencoder.safetensors + autoencoder.yaml   (CALM) the frozen autoencoder it was trained against
     engine/            DeepSpeed's own files (model + optimizer shards of every rank): exact resume
     rng/rank_NNNNN.pt  python, numpy, torch (and CUDA) RNG states of every rank
 """

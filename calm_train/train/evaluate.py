@@ -133,7 +133,7 @@ def all_reduce_totals(totals: dict, device) -> dict:
 
 
 def evaluate_run(run, step: int) -> dict[str, float]:
-    """One evaluation inside a training run: the first train.eval_batches validation batches of every DP rank."""
+    """One evaluation inside a training run: train.eval_batches validation batches in all, split over DP ranks."""
     from calm_train.data.loader import TokenLoader
     cfg = run.cfg
     data_dir, split = validation_source(cfg)
@@ -144,7 +144,8 @@ def evaluate_run(run, step: int) -> dict[str, float]:
     model = run.engine.model
     was_training = model.training
     model.eval()
-    for _, batch in zip(range(cfg.train.eval_batches), loader):
+    batches = max(1, cfg.train.eval_batches // run.dp)          # train.eval_batches counts over all DP ranks
+    for _, batch in zip(range(batches), loader):
         tokens = batch["tokens"].to(run.world.device)
         loss = run.engine.eval_loss(tokens, batch["sample_ids"])
         accumulate(totals, {"loss": torch.tensor(loss * tokens.shape[0]), "loss_count": torch.tensor(float(tokens.shape[0]))})
