@@ -1,9 +1,10 @@
 """Stage 1 of prepare: documents -> K-aligned packed token streams of one task.
 
-Documents are grouped into chunks of ~1 MiB of text in input order (a rule that does not depend on
-the number of workers or tasks).  Chunk c belongs to task c % num_shards, so an array of tasks
-splits the work and `merge` puts the chunks back in order: the result equals a single-process run.
-Each chunk is tokenized in a process pool (spawned, one tokenizer thread each) and appended to the
+The input is cut into chunks of ~1 MiB in input order (data_prep.chunks: a rule that depends only on
+the input, not on the number of workers or tasks).  Chunk c belongs to task c % num_shards, so an
+array of tasks splits the work and `merge` puts the chunks back in order: the result equals a
+single-process run.  Each chunk is read and tokenized by one process of a pool (spawned, one tokenizer
+thread each; JSON lines chunks are byte ranges that the worker reads itself) and appended to the
 task's `train.bin` / `val.bin` (uint32), with per-chunk token counts in `task.json`.
 """
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Iterator
 import numpy as np
 
 from calm_train.data.tokenizer import Tokenizer, load_tokenizer
+from data_prep.chunks import chunk_documents, plan_chunks
 from data_prep.packing import pack_documents
-from data_prep.sources import iter_documents, split_long
+from data_prep.sources import split_long
 
-CHUNK_BYTES = 1 << 20
 SPLITS = ("train", "val")
 
 
@@ -51,19 +52,12 @@ def is_val(text: str, fraction: float) -> bool:
     return h < fraction * 2.0**64
 
 
-def iter_chunks(settings: Settings) -> Iterator[tuple[int, bool, list[str]]]:
-    """(chunk index, all-val?, documents) over --input then --val-input."""
+def iter_chunks(settings: Settings) -> Iterator[tuple[int, bool, tuple]]:
+    """(chunk index, all-val?, chunk) over --input then --val-input."""
     c = 0
     for files, all_val in ((settings.inputs, False), (settings.val_inputs, True)):
-        docs, size = [], 0
-        for text in iter_documents(files) if files else ():
-            docs.append(text)
-            size += len(text)
-            if size >= CHUNK_BYTES:
-                yield c, all_val, docs
-                c, docs, size = c + 1, [], 0
-        if docs:
-            yield c, all_val, docs
+        for chunk in plan_chunks(files) if files else ():
+            yield c, all_val, chunk
             c += 1
 
 
@@ -77,13 +71,13 @@ def _init_worker(tokenizer_path: str | None, tokenizer: Tokenizer | None = None)
     _TOKENIZER = tokenizer or load_tokenizer(tokenizer_path)
 
 
-def encode_chunk(job: tuple[int, bool, list[str], float, int]) -> tuple[int, dict, dict]:
-    """Tokenize one chunk; returns (chunk, {split: packed uint32 tokens}, {split: stats})."""
-    c, all_val, docs, val_fraction, patch_size = job
+def encode_chunk(job: tuple[int, bool, tuple, float, int]) -> tuple[int, dict, dict]:
+    """Read and tokenize one chunk; returns (chunk, {split: packed uint32 tokens}, {split: stats})."""
+    c, all_val, chunk, val_fraction, patch_size = job
     tok = _TOKENIZER
     by_split: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     text_bytes = dict.fromkeys(SPLITS, 0)
-    for text in docs:
+    for text in chunk_documents(chunk):
         split = "val" if all_val or is_val(text, val_fraction) else "train"
         pieces = split_long(text)
         ids = tok.encode_array(text) if len(pieces) == 1 else np.concatenate([tok.encode_array(p) for p in pieces])
@@ -118,10 +112,10 @@ def run_task(out: pathlib.Path, settings: Settings, tokenizer: Tokenizer, shard_
     seen = [0]
 
     def my_jobs():
-        for c, all_val, docs in iter_chunks(settings):
+        for c, all_val, chunk in iter_chunks(settings):
             seen[0] = c + 1
             if c % settings.num_shards == shard_index:
-                yield c, all_val, docs, settings.val_fraction, settings.patch_size
+                yield c, all_val, chunk, settings.val_fraction, settings.patch_size
 
     jobs = my_jobs()
     if workers <= 1:

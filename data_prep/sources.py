@@ -1,8 +1,9 @@
 """Input files -> a deterministic stream of documents.
 
 Formats by file name: `.jsonl`/`.json` (JSON lines with a "text" field, optionally `.gz`/`.zst`),
-`.parquet` (a "text" column), anything else plain text (one file = one document).  All are read with
-HF `datasets` in streaming mode, so inputs of any size pass through in bounded memory.  Globs are
+`.parquet` (a "text" column), anything else plain text (one file = one document).  Plain JSON lines
+and text are read directly, everything else with HF `datasets` in streaming mode, so inputs of any
+size pass through in bounded memory (prepare cuts them into chunks: data_prep.chunks).  Globs are
 expanded and sorted; a directory means every file below it, sorted.
 """
 from __future__ import annotations
@@ -53,20 +54,20 @@ def iter_documents(files: list[str]) -> Iterator[str]:
     Inputs under DIRECT_MAX_BYTES in plain JSON lines or text are read directly (HF datasets spends
     ~4 s setting up a stream); the same documents come out either way.
     """
-    if sum(os.path.getsize(f) for f in files) <= DIRECT_MAX_BYTES and all(_direct_ok(f) for f in files):
+    if sum(os.path.getsize(f) for f in files) <= DIRECT_MAX_BYTES and all(direct_ok(f) for f in files):
         for path in files:
-            yield from _read_direct(path)
+            yield from read_direct(path)
         return
     group: list[str] = []
     for path in files + [None]:
         if group and (path is None or builder_for(path) != builder_for(group[0])):
-            yield from _read_group(group)
+            yield from read_group(group)
             group = []
         if path is not None:
             group.append(path)
 
 
-def _direct_ok(path: str) -> bool:
+def direct_ok(path: str) -> bool:
     if builder_for(path) == "text":
         return True
     if not path.lower().endswith((".jsonl", ".json")):
@@ -79,7 +80,7 @@ def _direct_ok(path: str) -> bool:
         return False
 
 
-def _read_direct(path: str) -> Iterator[str]:
+def read_direct(path: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
         if builder_for(path) == "text":
             text = f.read()
@@ -96,7 +97,7 @@ def _read_direct(path: str) -> Iterator[str]:
                 yield text
 
 
-def _read_group(files: list[str]) -> Iterator[str]:
+def read_group(files: list[str]) -> Iterator[str]:
     import datasets
 
     builder = builder_for(files[0])
