@@ -127,3 +127,21 @@ def test_bad_inputs_fail_fast_naming_the_file(ae_run, tiny_data, tmp_path):
     assert proc.returncode == 1 and "model.ae.latent_size" in proc.stderr
     proc = calm_train("eval", str(tmp_path / "nothing"), check=False)
     assert proc.returncode == 1 and "nothing" in proc.stderr
+
+
+def test_autoencoder_and_calm_on_the_wikitext_validation_file(shared_data, tmp_path):
+    """The CALM paper's validation set, prepared and trained on: both runs write the run-directory contract and
+    the CALM loss decreases."""
+    data = tmp_path / "wikitext"
+    calm_train("prepare", "--input", str(shared_data / "wikitext" / "wikitext_document_level-test.json"),
+               "--tokenizer", "train:512", "--out", str(data), "--seq-len", "32", "--val-fraction", "0.05")
+    ae, calm = tmp_path / "ae", tmp_path / "calm"
+    calm_train("train", "tiny_autoencoder", f"run_dir={ae}", f"data.train={data}", "train.steps=20",
+               "train.eval_every=10", "logging.progress=false")
+    calm_train(*calm_args(calm, data, ae, "train.steps=20", "train.eval_every=10"))
+    for run, field in ((ae, "recon_acc"), (calm, "brierlm")):
+        assert (run / "config.yaml").is_file() and [r["step"] for r in metrics(run)] == list(range(1, 21))
+        assert [e["step"] for e in metrics(run, "eval.jsonl")] == [10, 20]
+        assert all(field in e and "loss" in e for e in metrics(run, "eval.jsonl"))
+    losses = [r["loss"] for r in metrics(calm)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
