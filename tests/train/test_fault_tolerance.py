@@ -25,7 +25,7 @@ from runs import Job, assert_same_weights, calm_train, final_weights, last_step,
 
 from calm_train.train.checkpoint import CheckpointManager, sha256_file, step_name, verify_checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(600)   # per test, fixtures included: a 2-process launch takes 15-45 s
 
 STEPS, SAVE_EVERY = 18, 3
 RNG = random.Random(2027)
