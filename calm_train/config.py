@@ -114,7 +114,7 @@ class TrainConfig:
     eval_batches: int = 8             # validation batches per evaluation, over all data-parallel ranks
     keep_last: int = 2                # checkpoints kept ...
     keep_every: int = 0               # ... plus every keep_every-th step (0: none)
-    max_wallclock: float = 0.0        # seconds; save and exit before this (0: off)
+    max_wallclock: float = 0.0        # seconds per launch (job); then save and exit 75 (0: off)
     max_bad_steps: int = 5            # consecutive non-finite steps before the run stops
     peak_flops: float = 0.0           # per-device peak FLOP/s for MFU; 0: measured at start
 

@@ -177,11 +177,18 @@ class CheckpointManager:
             self.log(f"skipping interrupted save {path} (no manifest); it is left in place for inspection")
         return found
 
-    def latest(self) -> pathlib.Path | None:
+    def latest(self, hashes: bool = False) -> pathlib.Path | None:
         """The newest complete checkpoint. `latest` names it normally; the scan covers a crash between
-        the rename and the `latest` update."""
-        complete = self.complete()
-        return complete[-1] if complete else None
+        the rename and the `latest` update. With `hashes`, the sha256 of every file is checked too and a
+        damaged checkpoint is reported and passed over for the next older one."""
+        for path in reversed(self.complete()):
+            try:
+                if hashes:
+                    verify_checkpoint(path, hashes=True)
+                return path
+            except CheckpointError as err:
+                self.log(f"skipping checkpoint: {err}")
+        return None
 
     def save(self, step: int, write_files, manifest_extra: dict) -> pathlib.Path:
         """`write_files(directory)` is called on every rank to write its files into the partial directory."""

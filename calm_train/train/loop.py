@@ -99,7 +99,8 @@ class Run:
         error = broadcast_object(error)
         if error:
             raise UserError(error)
-        latest = self.checkpoints.latest()
+        # the resume point is hash-verified once (rank 0) and shared, so a damaged file is never loaded
+        latest = broadcast_object(self.checkpoints.latest(hashes=True) if self.rank == 0 else None)
         if latest is not None:
             saved = json.loads((latest / "state.json").read_text())
             if saved["config_hash"] != config_hash(self.cfg):

@@ -62,6 +62,7 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, damage):
     if damage != "flip":                  # the cheap scan (sizes) finds all but same-size corruption
         assert manager.latest() == good
         assert any(str(bad) in line for line in logs)
+    assert manager.latest(hashes=True) == good    # what a resume uses: same-size corruption is found too
     assert bad.exists()                   # reported, never deleted
 
 
