@@ -9,21 +9,12 @@ from __future__ import annotations
 import json
 import pathlib
 
-import xxhash
 
 from calm_train.data.dataset_info import DataError, DatasetInfo, read_dataset_info
-from calm_train.data.tokenizer import sha256_file
+from calm_train.files import sha256_file, xxh64_file
 
 __all__ = ["DataError", "read_index", "verify_dataset", "verify_shards", "xxh64_file"]
 FIX = "Fix: rerun `calm-train prepare` for this directory (or restore it from a good copy)"
-
-
-def xxh64_file(path) -> str:
-    h = xxhash.xxh64()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_index(split_dir) -> dict:

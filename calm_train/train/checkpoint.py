@@ -18,7 +18,6 @@ Layout of one checkpoint:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from calm_train.errors import UserError
+from calm_train.files import sha256_file
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -39,14 +39,6 @@ PARTIAL_PREFIX = ".partial-"
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fsync_tree(root: pathlib.Path) -> None:
