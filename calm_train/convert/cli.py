@@ -31,6 +31,7 @@ from calm_train.config import Config, DataConfig, ModelConfig, ParallelConfig, c
 from calm_train.convert import hf_llama, reference
 from calm_train.convert.tokenizer_io import export_tokenizer, import_tokenizer
 from calm_train.convert.weights import ConvertError, check_shapes, find_weights, read_weights, save_weights
+from calm_train.train.checkpoint import write_manifest
 
 DEFAULT_SEQ_LEN = 2048
 
@@ -126,15 +127,6 @@ def _seq_len(config: dict, tokens_per_position: int, patch_size: int) -> int:
     return max(patch_size, tokens - tokens % patch_size)
 
 
-def write_manifest(directory: pathlib.Path, extra: dict) -> None:
-    """The checkpoint manager's manifest (every file's size and sha256), written last."""
-    from calm_train.train.checkpoint import FORMAT, MANIFEST, fsync_tree, sha256_file, write_atomic
-    files = {str(p.relative_to(directory)): [p.stat().st_size, sha256_file(p)]
-             for p in sorted(directory.rglob("*")) if p.is_file()}
-    fsync_tree(directory)
-    write_atomic(directory / MANIFEST, json.dumps({"format": FORMAT, "step": 0, "files": files, **extra}, indent=1))
-
-
 def import_native(src, dst, tp: int = 1, pp: int = 1) -> pathlib.Path:
     from safetensors.torch import save_file
     from calm_train.train.inference import save_autoencoder_file
@@ -166,7 +158,7 @@ def import_native(src, dst, tp: int = 1, pp: int = 1) -> pathlib.Path:
             ae = Autoencoder(model.ae, ae_state["encoder.embed_tokens.weight"].shape[0], model.patch_size)
             ae.load_state_dict(ae_state, strict=True)
             save_autoencoder_file(ae, out)
-        write_manifest(out, {"kind": model.kind, "converted_from": str(src), "layout": {"tp": tp, "pp": pp}})
+        write_manifest(out, 0, {"kind": model.kind, "converted_from": str(src), "layout": {"tp": tp, "pp": pp}})
     return dst
 
 

@@ -31,6 +31,9 @@ def _to_int64(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
+EVAL_STEP = 0   # the `step` of sample_seeds for evaluation (training steps start at 1): every evaluation draws the same noise
+
+
 def sample_seeds(base_seed: int, step: int, sample_ids: torch.Tensor) -> torch.Tensor:
     """int64 [B]: splitmix64(splitmix64(splitmix64(base_seed) ^ step) ^ sample_id) per sample."""
     head = _splitmix64(_splitmix64(base_seed & _MASK64) ^ (step & _MASK64))

@@ -32,7 +32,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from calm_train.config import Config
-from calm_train.models.rng import SampleRNG, sample_seeds
+from calm_train.models.rng import EVAL_STEP, SampleRNG, sample_seeds
 from calm_train.parallel.ds_config import deepspeed_config, lr_at, train_dtype
 from calm_train.parallel.export import full_state_dict
 from calm_train.parallel.pipeline import Pipeline, poisoned
@@ -40,7 +40,6 @@ from calm_train.parallel.world import MegatronMPU, World, build_world
 
 __all__ = ["TrainEngine", "StepResult", "World", "build_world"]
 
-EVAL_STEP = -1      # the `step` of sample_seeds during evaluation: fixed, so every evaluation draws the same noise
 
 
 @dataclass

@@ -75,21 +75,12 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     """The inverse of full_state_dict: copy this rank's TP shard of this stage's layers from a full
     (tp = pp = 1) state dict into `model` (before DeepSpeed wraps it).  Every key must be present."""
     prefixes = _global_layer_prefixes(model)
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name.endswith("_extra_state"):
                 continue
-            key = _rename(name, prefixes)
-            if key not in state:
-                raise KeyError(f"load_full_state_dict: the state dict has no '{key}'. Fix: export it from a "
-                               "model of the same config (TrainEngine.state_for_export)")
-            full = state[key]
-            if tp > 1 and getattr(tensor, "tensor_model_parallel", False):
-                stride, dim = getattr(tensor, "partition_stride", 1), tensor.partition_dim
-                pieces = full.chunk(stride * tp, dim=dim)
-                full = torch.cat([pieces[j * tp + tp_rank] for j in range(stride)], dim=dim)
-            tensor.copy_(full.to(tensor.dtype))
+            full = _full_entry(state, _rename(name, prefixes), "load_full_state_dict: the state dict")
+            tensor.copy_(tensor_parallel_shard(tensor, full).to(tensor.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

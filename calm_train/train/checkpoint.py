@@ -67,6 +67,15 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def write_manifest(directory: pathlib.Path, step: int, extra: dict) -> None:
+    """Record every file's size and sha256, fsync, then write manifest.json last: the mark of a complete checkpoint."""
+    files = {str(p.relative_to(directory)): [p.stat().st_size, sha256_file(p)]
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    fsync_tree(directory)
+    write_atomic(directory / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files, **extra},
+                                                  indent=1))
+
+
 # ---------------------------------------------------------------------------------------------
 # verification
 
@@ -195,11 +204,7 @@ class CheckpointManager:
         write_files(partial)
         self.barrier()
         if self.rank == 0:
-            files = {str(p.relative_to(partial)): [p.stat().st_size, sha256_file(p)]
-                     for p in sorted(partial.rglob("*")) if p.is_file()}
-            fsync_tree(partial)
-            write_atomic(partial / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files,
-                                                         **manifest_extra}, indent=1))
+            write_manifest(partial, step, manifest_extra)
             if final.exists():                 # a checkpoint of this step from an earlier attempt
                 shutil.rmtree(final)
             os.replace(partial, final)

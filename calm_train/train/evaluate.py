@@ -15,10 +15,9 @@ import torch
 import torch.distributed as dist
 
 from calm_train.models.brier import brier_ngram_sampled_with_probs, brier_two_sample, brierlm
-from calm_train.models.rng import SampleRNG, sample_seeds
+from calm_train.models.rng import EVAL_STEP, SampleRNG, sample_seeds
 
 MAX_N = 4
-EVAL_STEP = 0     # per-sample randomness of evaluation does not depend on the training step
 
 
 def boundaries(seq_len: int, patch_size: int) -> torch.Tensor:
