@@ -44,8 +44,8 @@ from calm_train.config import load_config
 from calm_train.models.autoencoder import Autoencoder
 from calm_train.parallel import runtime
 from calm_train.parallel.engine import TrainEngine, build_world
-from calm_train.train.checkpoint import CheckpointManager, rng_state, verify_checkpoint
-from calm_train.train.inference import save_autoencoder_file
+from calm_train.convert.native import save_autoencoder_file, verify_checkpoint
+from calm_train.train.checkpoint import CheckpointManager, rng_state
 from calm_train.train.loop import Progress
 from calm_train.train.reshard import OPTIMIZER_FILE, layout_of, optimizer_export, reshard, write_optimizer
 from calm_train.train.tasks import task_for

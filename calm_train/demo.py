@@ -25,14 +25,14 @@ def say(message: str) -> None:
 
 
 def prepare(out: pathlib.Path) -> pathlib.Path:
-    from calm_train.cli import main
+    from data_prep.cli import main as prepare_main
     from data_prep.corpus import write_corpus_jsonl
     data = out / "data"
     if (data / "dataset.json").is_file():
         return data
     corpus = write_corpus_jsonl(out / "corpus.jsonl")
     say(f"embedded corpus: {corpus.stat().st_size / 1e6:.2f} MB of Python documentation -> {data}")
-    code = main(["prepare", "--input", str(corpus), "--tokenizer", f"train:{VOCAB}", "--out", str(data),
+    code = prepare_main(["--input", str(corpus), "--tokenizer", f"train:{VOCAB}", "--out", str(data),
                  "--seq-len", str(SEQ_LEN), "--patch-size", "4", "--val-fraction", "0.05"])
     if code != 0:
         raise SystemExit(code)

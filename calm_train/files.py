@@ -1,7 +1,10 @@
-"""File digests shared by shard verification, tokenizer records and checkpoint manifests."""
+"""File helpers shared by every layer: digests (shard xxh64, tokenizer and checkpoint sha256) and
+durable writes (fsync a tree, replace a small file atomically)."""
 from __future__ import annotations
 
 import hashlib
+import os
+import pathlib
 
 import xxhash
 
@@ -20,3 +23,30 @@ def sha256_file(path) -> str:
 
 def xxh64_file(path) -> str:
     return file_digest(path, xxhash.xxh64())
+
+
+def fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: pathlib.Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(root)
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+    """Replace `path` by `text` in one step: a reader sees the old or the new file, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

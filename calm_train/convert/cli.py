@@ -31,7 +31,8 @@ from calm_train.config import Config, DataConfig, ModelConfig, ParallelConfig, c
 from calm_train.convert import hf_llama, reference
 from calm_train.convert.tokenizer_io import export_tokenizer, import_tokenizer
 from calm_train.convert.weights import ConvertError, check_shapes, find_weights, read_weights, save_weights
-from calm_train.train.checkpoint import write_manifest
+from calm_train.convert.native import (load_autoencoder_file, resolve_checkpoint, save_autoencoder_file,
+                                       verify_checkpoint, write_manifest)
 
 DEFAULT_SEQ_LEN = 2048
 
@@ -62,8 +63,6 @@ def _staged(dst: pathlib.Path):
 def export_hf(src, dst) -> pathlib.Path:
     from safetensors.torch import load_file
     from calm_train.data.dataset_info import read_dataset_info
-    from calm_train.train.checkpoint import resolve_checkpoint, verify_checkpoint
-    from calm_train.train.inference import load_autoencoder_file
     ckpt = resolve_checkpoint(src)
     verify_checkpoint(ckpt)
     cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
@@ -129,7 +128,6 @@ def _seq_len(config: dict, tokens_per_position: int, patch_size: int) -> int:
 
 def import_native(src, dst, tp: int = 1, pp: int = 1) -> pathlib.Path:
     from safetensors.torch import save_file
-    from calm_train.train.inference import save_autoencoder_file
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     config = reference.read_config(src)
     ae_state = None

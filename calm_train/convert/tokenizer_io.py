@@ -15,7 +15,7 @@ import pathlib
 import shutil
 
 from calm_train.convert.weights import ConvertError
-from calm_train.data.tokenizer import PROBE, Tokenizer, load_tokenizer
+from calm_train.data.tokenizer import PROBE, Tokenizer, load_dataset_tokenizer, load_tokenizer
 
 IMPORTED_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
@@ -34,8 +34,7 @@ def _fast_tokenizer(tok: Tokenizer, tokenizer_dir: pathlib.Path):
 def export_tokenizer(tokenizer_dir: pathlib.Path, dst: pathlib.Path) -> dict[str, int | None]:
     """Write a `transformers` tokenizer into dst; returns bos/eos/pad ids for config.json."""
     from transformers import PreTrainedTokenizerFast
-    from calm_train.train.inference import load_run_tokenizer
-    tok = load_run_tokenizer(tokenizer_dir)
+    tok = load_dataset_tokenizer(tokenizer_dir)
     name = {i: s for s, i in tok.special.items()}
     fast = PreTrainedTokenizerFast(tokenizer_object=_fast_tokenizer(tok, tokenizer_dir), eos_token=name[tok.eos_id],
                                    pad_token=name.get(tok.pad_id), bos_token=name.get(tok.bos_id))

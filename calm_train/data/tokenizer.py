@@ -218,3 +218,10 @@ def _hf_as_tiktoken(spec: dict, special: dict[str, int]) -> tiktoken.Encoding | 
         return None
     return tiktoken.Encoding(name="calm-hf-bpe", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens=special)
 
+
+
+def load_dataset_tokenizer(directory) -> Tokenizer:
+    """The tokenizer that a prepared data directory (or a run's tokenizer/) names in its dataset.json."""
+    from calm_train.data.dataset_info import read_dataset_info
+    directory = pathlib.Path(directory)
+    return load_tokenizer(directory / read_dataset_info(directory).tokenizer)

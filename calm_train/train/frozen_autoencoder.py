@@ -33,7 +33,8 @@ class AutoencoderRef:
 
 
 def find_autoencoder(spec: str) -> AutoencoderRef:
-    from calm_train.train.checkpoint import resolve_checkpoint, sha256_file
+    from calm_train.convert.native import resolve_checkpoint
+    from calm_train.files import sha256_file
     path = pathlib.Path(spec)
     if not path.exists():
         raise UserError(f"config key 'model.autoencoder': {path} does not exist. Fix: train one with "

@@ -11,7 +11,7 @@ import pathlib
 import torch
 import yaml
 
-from calm_train.config import AutoencoderArch, Config, config_from_tree
+from calm_train.config import Config, config_from_tree
 from calm_train.errors import UserError
 
 
@@ -24,29 +24,11 @@ class Loaded:
     checkpoint: pathlib.Path
 
 
-def load_autoencoder_file(directory: pathlib.Path, device) -> torch.nn.Module:
-    from safetensors.torch import load_file
-    from calm_train.models.autoencoder import Autoencoder
-    spec = yaml.safe_load((directory / "autoencoder.yaml").read_text())
-    ae = Autoencoder(AutoencoderArch(**spec["arch"]), spec["vocab_size"], spec["patch_size"])
-    ae.load_state_dict(load_file(str(directory / "autoencoder.safetensors")), strict=True)
-    ae.requires_grad_(False)
-    return ae.eval().to(device)
-
-
-def save_autoencoder_file(autoencoder, directory: pathlib.Path) -> None:
-    from safetensors.torch import save_file
-    save_file({k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()},
-              str(directory / "autoencoder.safetensors"))
-    (directory / "autoencoder.yaml").write_text(yaml.safe_dump({
-        "arch": dataclasses.asdict(autoencoder.arch), "vocab_size": autoencoder.vocab_size,
-        "patch_size": autoencoder.patch_size}))
-
-
 def load_for_inference(spec: str, device) -> Loaded:
     """Inside runtime.single_process(): resolve, verify and load a checkpoint for evaluation or generation."""
     from safetensors.torch import load_file
-    from calm_train.train.checkpoint import resolve_checkpoint, verify_checkpoint
+    from calm_train.convert.native import load_autoencoder_file, resolve_checkpoint, verify_checkpoint
+    from calm_train.data.tokenizer import load_dataset_tokenizer
     ckpt = resolve_checkpoint(spec)
     verify_checkpoint(ckpt)
     cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
@@ -60,14 +42,7 @@ def load_for_inference(spec: str, device) -> Loaded:
         raise UserError(f"{ckpt}/model.safetensors does not fit the model in {ckpt}/config.yaml (missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}). Fix: use the config it was saved with")
     model = model.to(device).eval()
-    return Loaded(cfg, model, autoencoder, load_run_tokenizer(ckpt / "tokenizer"), ckpt)
-
-
-def load_run_tokenizer(tokenizer_dir: pathlib.Path):
-    """The tokenizer a run copied beside its dataset.json."""
-    from calm_train.data.dataset_info import read_dataset_info
-    from calm_train.data.tokenizer import load_tokenizer
-    return load_tokenizer(tokenizer_dir / read_dataset_info(tokenizer_dir).tokenizer)
+    return Loaded(cfg, model, autoencoder, load_dataset_tokenizer(ckpt / "tokenizer"), ckpt)
 
 
 def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | None = None, seed: int = 0) -> dict:

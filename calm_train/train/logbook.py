@@ -7,7 +7,7 @@ import math
 import pathlib
 import sys
 
-from calm_train.train.checkpoint import write_atomic
+from calm_train.files import write_atomic
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:

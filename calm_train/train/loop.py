@@ -191,7 +191,7 @@ class Run:
                 (directory / "config.yaml").write_text(to_yaml(self.cfg))
                 shutil.copytree(self.run_dir / "tokenizer", directory / "tokenizer")
                 if self.autoencoder is not None:
-                    from calm_train.train.inference import save_autoencoder_file
+                    from calm_train.convert.native import save_autoencoder_file
                     save_autoencoder_file(self.autoencoder, directory)
 
         path = self.checkpoints.save(progress.step, write, {"kind": self.cfg.model.kind})

@@ -75,7 +75,7 @@ def write_checkpoint(run_dir: pathlib.Path, model_cfg: ModelConfig, model, token
                      autoencoder=None) -> pathlib.Path:
     """A complete native checkpoint through the checkpoint manager: what a run saves (without engine/ and rng/)."""
     from safetensors.torch import save_file
-    from calm_train.train.inference import save_autoencoder_file
+    from calm_train.convert.native import save_autoencoder_file
     tok = load_tokenizer(tokenizer_file)
     if model_cfg.kind == "calm":
         model_cfg.autoencoder = "unused-by-convert"

@@ -13,7 +13,7 @@ from calm_train.data.tokenizer import load_tokenizer
 from calm_train.models.ar import ARModel
 from calm_train.models.generate import generate_ar
 from calm_train.parallel import runtime
-from calm_train.train.checkpoint import verify_checkpoint
+from calm_train.convert.native import verify_checkpoint
 from calm_train.train.inference import load_for_inference
 
 from .conftest import native_state, tiny_model_config, write_checkpoint

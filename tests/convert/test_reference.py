@@ -16,7 +16,7 @@ from calm_train.models.energy import EnergyHead, energy_score
 from calm_train.models.generate import generate_calm
 from calm_train.models.rng import SampleRNG
 from calm_train.parallel import runtime
-from calm_train.train.checkpoint import verify_checkpoint
+from calm_train.convert.native import verify_checkpoint
 from calm_train.train.inference import load_for_inference
 
 from .conftest import native_state, perturb_, tiny_model_config, write_checkpoint

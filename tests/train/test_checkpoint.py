@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from calm_train.train.checkpoint import (CheckpointError, CheckpointManager, resolve_checkpoint, step_name,
-                                         verify_checkpoint)
+from calm_train.convert.native import CheckpointError, resolve_checkpoint, step_name, verify_checkpoint
+from calm_train.train.checkpoint import CheckpointManager
 
 
 def writer(payload: bytes):

@@ -23,7 +23,9 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from runs import Job, assert_same_weights, calm_train, final_weights, last_step, metrics, trajectory  # noqa: E402
 
-from calm_train.train.checkpoint import CheckpointManager, sha256_file, step_name, verify_checkpoint  # noqa: E402
+from calm_train.convert.native import step_name, verify_checkpoint  # noqa: E402
+from calm_train.files import sha256_file  # noqa: E402
+from calm_train.train.checkpoint import CheckpointManager  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)   # per test, fixtures included: a 2-process launch takes 15-45 s
 
