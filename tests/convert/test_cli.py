@@ -25,6 +25,11 @@ def test_cli_round_trip_generates_the_same_text(bpe_tokenizer_file, tmp_path, ca
     original = generate_text(str(tmp_path / "run"), "The quick brown", temperature=0.0, max_new_tokens=12)
     assert generate_text(str(tmp_path / "back"), "The quick brown", temperature=0.0, max_new_tokens=12) == original
     assert len(original) > 0
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}      # an exported directory, read in memory
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "The quick brown", "--temperature", "0",
+                 "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == original + "\n"
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 def test_frozen_autoencoder_loader_reads_exported_directories(bpe_tokenizer_file, tmp_path):
