@@ -15,6 +15,10 @@ queries share one key/value head):  rows = [q_g,0 .. q_g,n-1, k_g, v_g] for g = 
 each block head_dim rows.  Llama keeps q, k, v apart, heads in order; query head j uses key
 head j // n in both.  SwiGLU's fc1 is [gate; up].  Both use rotate-half RoPE, so no permutation
 of the head dimension is needed.
+
+The AR baseline's output layer is its own parameter.  A tied Llama (tie_word_embeddings) imports
+with lm_head = a copy of the embedding; an AR model whose lm_head equals its embedding exports as
+a tied Llama, without `lm_head.weight` in the file, as transformers saves one.
 """
 from __future__ import annotations
 
