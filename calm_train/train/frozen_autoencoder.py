@@ -47,10 +47,10 @@ def find_autoencoder(spec: str) -> AutoencoderRef:
     ckpt = resolve_checkpoint(path)
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     if saved["model"]["kind"] == "calm" and (ckpt / AUTOENCODER_WEIGHTS).is_file():
-        spec = yaml.safe_load((ckpt / AUTOENCODER_SPEC).read_text())
+        frozen = yaml.safe_load((ckpt / AUTOENCODER_SPEC).read_text())
         weights = ckpt / AUTOENCODER_WEIGHTS
-        return AutoencoderRef(ckpt, weights, AutoencoderArch(**spec["arch"]), spec["vocab_size"], spec["patch_size"],
-                              sha256_file(weights), "native")
+        return AutoencoderRef(ckpt, weights, AutoencoderArch(**frozen["arch"]), frozen["vocab_size"],
+                              frozen["patch_size"], sha256_file(weights), "native")
     if saved["model"]["kind"] != "autoencoder":
         raise UserError(f"config key 'model.autoencoder': {ckpt} holds a {saved['model']['kind']} model, not an "
                         "autoencoder. Fix: point it at the autoencoder's run directory")

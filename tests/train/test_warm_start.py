@@ -164,6 +164,22 @@ def test_calm_warm_start_from_a_reference_release_has_the_source_loss(calm_relea
     assert all(torch.equal(v, weights["ae_model." + k]) for k, v in frozen.items())
 
 
+def test_an_autoencoder_run_warm_starts_from_a_reference_autoencoder(calm_release, tiny_data, tmp_path):
+    from calm_train.config import load_config
+    from calm_train.train.loop import resolve_data
+    from calm_train.train.warm_start import WarmStart
+    release, weights = calm_release
+    ae = ref.strip(weights, "ae_model.")
+    vocab = ae["encoder.embed_tokens.weight"].shape[0]
+    src = ref.write_release(tmp_path / "ae", ref.autoencoder_config(TINY_CALM, vocab), ae, tiny_data / "tokenizer.json")
+    cfg = load_config("tiny_autoencoder", [f"run_dir={tmp_path / 'r'}", f"data.train={tiny_data}",
+                                           f"model.init_from={src}"])
+    resolve_data(cfg)
+    state = WarmStart(cfg, tmp_path / "r").take_state()
+    assert state.keys() == {k for k in ae if k != "decoder.lm_head_weight"}
+    assert all(torch.equal(v, ae[k]) for k, v in state.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # refusals: one line before any process group, nothing written
 
