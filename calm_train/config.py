@@ -76,6 +76,8 @@ class ModelConfig:
     patch_size: int = 4               # K tokens per vector
     attention: str = "auto"           # auto | flash | sdpa
     autoencoder: str | None = None    # frozen AE for calm: run dir, checkpoint dir or HF-layout dir
+    init_from: str | None = None      # warm start from these weights: a run, checkpoint or exported/reference dir
+    init_from_sha256: str | None = None   # their sha256: recorded by the run; when given, the weights must match
     init_std: float = 0.02
     ae: AutoencoderArch = field(default_factory=AutoencoderArch)
     backbone: BackboneArch = field(default_factory=BackboneArch)
@@ -338,8 +340,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                "set parallel.tp=1 parallel.pp=1 (scale it with data parallelism)")
     if m.kind == "calm":
         h = m.head
-        _check(bool(m.autoencoder), "model.autoencoder", "a CALM run needs its frozen autoencoder",
-               "set model.autoencoder=RUN_DIR (or a checkpoint or exported directory) of a trained autoencoder")
+        _check(bool(m.autoencoder or m.init_from), "model.autoencoder", "a CALM run needs its frozen autoencoder",
+               "set model.autoencoder=RUN_DIR (or a checkpoint or exported directory) of a trained autoencoder, "
+               "or model.init_from=a CALM directory that carries one")
         _check(h.num_samples >= 2, "model.head.num_samples",
                f"N={h.num_samples}: the energy score needs >= 2 model samples", "use N=8")
         _check(h.num_target_samples >= 1, "model.head.num_target_samples", "must be >= 1", "use M=100")

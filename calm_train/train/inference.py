@@ -1,7 +1,9 @@
 """`calm-train eval` and `calm-train generate`: one process, any checkpoint form, no training state.
 
 A checkpoint is self-contained: config.yaml, tokenizer/, model.safetensors (the full model whatever
-layout trained it) and, for CALM, autoencoder.safetensors + autoencoder.yaml (the frozen AE).
+layout trained it) and, for CALM, autoencoder.safetensors + autoencoder.yaml (the frozen AE).  An
+exported or foreign directory (Hugging Face Llama, the reference CALM layout) is read through
+convert/sources.py in memory; nothing is written.
 """
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ import dataclasses
 import pathlib
 
 import torch
-import yaml
 
-from calm_train.config import Config, config_from_tree
+from calm_train.config import Config
 from calm_train.errors import UserError
 
 
@@ -25,24 +26,27 @@ class Loaded:
 
 
 def load_for_inference(spec: str, device) -> Loaded:
-    """Inside runtime.single_process(): resolve, verify and load a checkpoint for evaluation or generation."""
-    from safetensors.torch import load_file
-    from calm_train.convert.native import load_autoencoder_file, resolve_checkpoint, verify_checkpoint
-    from calm_train.data.tokenizer import load_dataset_tokenizer
-    ckpt = resolve_checkpoint(spec)
-    verify_checkpoint(ckpt)
-    cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    """Inside runtime.single_process(): resolve, verify and load a checkpoint (or read an exported directory)
+    for evaluation or generation."""
+    from calm_train.convert.sources import open_source
     from calm_train.train.tasks import task_for
-    autoencoder = load_autoencoder_file(ckpt, device) if cfg.model.kind == "calm" else None
+    source = open_source(spec)
+    cfg = source.config
+    tokenizer = source.tokenizer()
+    if tokenizer is None:
+        raise UserError(f"{source.path} holds no tokenizer.json or tokenizer.model. Fix: put the model's tokenizer "
+                        "files beside its config.json")
+    state, autoencoder = source.read()
+    if autoencoder is not None:
+        autoencoder = autoencoder.to(device)
     model = task_for(cfg, autoencoder).build_model(cfg)
-    state = load_file(str(ckpt / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise UserError(f"{ckpt}/model.safetensors does not fit the model in {ckpt}/config.yaml (missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}). Fix: use the config it was saved with")
+        raise UserError(f"{source.weights} does not fit the model of {source.path} (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}). Fix: use the config it was saved with")
     model = model.to(device).eval()
-    return Loaded(cfg, model, autoencoder, load_dataset_tokenizer(ckpt / "tokenizer"), ckpt)
+    return Loaded(cfg, model, autoencoder, tokenizer, source.path)
 
 
 def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | None = None, seed: int = 0) -> dict:
@@ -54,6 +58,9 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         cfg = loaded.cfg
         if data:
             cfg.data.val = data
+        elif not cfg.data.train:
+            raise UserError(f"{loaded.checkpoint} names no data (an exported or converted model). Fix: pass --data DIR "
+                            "(a `calm-train prepare` output with the model's tokenizer)")
         data_dir, split = validation_source(cfg)
         loader = TokenLoader(data_dir, split, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
                              shuffle=False, verify=True)

@@ -41,8 +41,10 @@ class Progress:
 
 
 def config_hash(cfg: Config) -> str:
-    """Hash of what must not change across a resume (the model); layouts and schedules may."""
-    return hashlib.sha256(json.dumps(to_dict(cfg.model), sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of what must not change across a resume (the model); layouts, schedules and the warm-start source may."""
+    from calm_train.train.warm_start import RECORD_FIELDS
+    model = {k: v for k, v in to_dict(cfg.model).items() if k not in RECORD_FIELDS}
+    return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_data(cfg: Config):
@@ -72,6 +74,8 @@ class Run:
         self.run_dir = pathlib.Path(cfg.run_dir)
         self.info = resolve_data(cfg)
         validate(cfg)
+        from calm_train.train.warm_start import WarmStart
+        self.warm_start = WarmStart.open(cfg, self.run_dir)    # model.init_from: checked and read here
         self.autoencoder_ref = None
         if cfg.model.kind == "calm":
             from calm_train.train.frozen_autoencoder import check_autoencoder
@@ -107,6 +111,8 @@ class Run:
                 raise UserError(f"{latest} was trained with another model config than {self.run_dir}/config.yaml "
                                 "now asks for. Fix: use a new run_dir, or restore the model keys of the saved "
                                 f"{latest}/config.yaml")
+        if self.warm_start is not None:
+            self.warm_start.settle(self.cfg, latest, self.log.event)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
@@ -128,7 +134,11 @@ class Run:
             from calm_train.train.frozen_autoencoder import load_frozen_autoencoder
             autoencoder = load_frozen_autoencoder(self.autoencoder_ref, self.world.device)
         self.autoencoder = autoencoder
-        self.engine = TrainEngine(self.cfg, task_for(self.cfg, autoencoder), self.world)
+        task = task_for(self.cfg, autoencoder)
+        if self.warm_start is not None:
+            task.init_state = self.warm_start.take_state()
+        self.engine = TrainEngine(self.cfg, task, self.world)
+        task.init_state = None
         self.per_rank_batch = self.cfg.train.global_batch // self.dp
         self.loader = TokenLoader(self.cfg.data.train, "train", batch_size=self.per_rank_batch,
                                   dp_rank=self.world.dp_rank, dp_size=self.dp, seed=self.cfg.train.seed,
@@ -176,6 +186,8 @@ class Run:
         state = {"progress": dataclasses.asdict(progress), "config_hash": config_hash(self.cfg),
                  "autoencoder": self.autoencoder_ref.describe() if self.autoencoder_ref else None,
                  "layout": layout_of(self.cfg, self.world_size)}
+        from calm_train.train.warm_start import init_from_record
+        state.setdefault("identity", {})["init_from"] = init_from_record(self.cfg)
         export = self.engine.state_for_export()
         moments, moments_metadata = optimizer_export(self.engine)
 
