@@ -90,7 +90,7 @@ class ParallelConfig:
     pp: int = 1
     zero_stage: int = 1
     sequence_parallel: bool = False
-    ds_config: str | None = None      # a JSON path or a name in ds_configs/; None: chosen from zero_stage/pp
+    ds_config: str | None = None      # a JSON path or a name in calm_train/ds_configs/; None: chosen from zero_stage/pp
     offload: bool = False             # ZeRO-Offload of optimizer state to CPU
 
 
