@@ -1,6 +1,6 @@
-"""The DeepSpeed config of a run: a JSON preset from ds_configs/, filled from the train config.
+"""The DeepSpeed config of a run: a JSON preset from calm_train/ds_configs/, filled from the train config.
 
-The preset (`parallel.ds_config`: a name in ds_configs/ or a path; None picks `zero1_pp` under
+The preset (`parallel.ds_config`: a name in calm_train/ds_configs/ (package data) or a path; None picks `zero1_pp` under
 pipeline parallelism, else `zero{parallel.zero_stage}`) holds what the train config does not:
 optimizer implementation, offload, bucket sizes.  Batch sizes, AdamW hyper-parameters, clipping,
 precision and the ZeRO stage always come from the train config.  The presets use torch's AdamW
@@ -18,7 +18,7 @@ import torch
 
 from calm_train.config import Config, ConfigError
 
-DS_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def preset_path(cfg: Config) -> pathlib.Path:

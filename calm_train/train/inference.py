@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 
 import torch
 
@@ -85,6 +86,11 @@ def generate_text(spec: str, prompt: str, temperature: float = 1.0, max_new_toke
         loaded = load_for_inference(spec, world.device)
         ids = loaded.tokenizer.encode(prompt)
         kind = loaded.cfg.model.kind
+        context = loaded.cfg.data.seq_len
+        if context and len(ids) + max_new_tokens > context:
+            print(f"calm-train generate: warning: the prompt's {len(ids)} tokens + --max-new-tokens {max_new_tokens} "
+                  f"exceed the {context} tokens the model was trained on (data.seq_len); positions beyond them were "
+                  "never trained and the text usually degrades there", file=sys.stderr)
         if kind == "autoencoder":
             raise UserError(f"{loaded.checkpoint} is an autoencoder: it reconstructs chunks, it does not continue "
                             "text. Fix: generate with a CALM or AR checkpoint")
