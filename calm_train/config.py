@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -17,6 +18,18 @@ import yaml
 from calm_train.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans (true/false only): YAML 1.1 also reads on/off/yes/no as booleans, which would turn
+    `logging.wandb=off` or `perf.compile=on` into a bool."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
 MODEL_KINDS = ("autoencoder", "calm", "ar")
 
 
@@ -135,6 +148,16 @@ class LoggingConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed switches.  None changes the model or the loss; on CPU the defaults run the plain eager path."""
+    compile: str = "off"              # off | on: torch.compile of each backbone layer (norm/SwiGLU/RoPE glue) and
+                                      # of the energy head + energy loss (results equal eager to rounding)
+    fused_adamw: str = "auto"         # auto (on on CUDA) | on | off: torch AdamW(fused=True); never on CPU
+    recompute: str = "off"            # off | selective (the MLP of each layer) | full (every layer): activation
+                                      # recomputation in backward, to make room for larger micro-batches
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -142,6 +165,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +194,7 @@ def _read_yaml_tree(path: pathlib.Path, seen: tuple = ()) -> dict:
     if path in seen:
         raise ConfigError("base", f"{path} extends itself through {list(seen)}", "remove the cycle")
     with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+        tree = yaml.load(f, Loader=_YamlLoader) or {}
     if not isinstance(tree, dict):
         raise ConfigError("CONFIG", f"{path} does not hold a mapping", "write `key: value` YAML")
     base = tree.pop("base", None)
@@ -197,7 +221,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         *parents, leaf = dotted.strip().split(".")
         for name in parents:
             node = node.setdefault(name, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        node[leaf] = yaml.load(raw, Loader=_YamlLoader) if raw != "" else None
     return tree
 
 
@@ -384,6 +408,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", "allow a few skipped steps, e.g. 5")
     _check(cfg.logging.wandb in ("off", "offline", "online"), "logging.wandb",
            f"'{cfg.logging.wandb}' is unknown", "use off, offline or online")
+    f = cfg.perf
+    _check(f.compile in ("off", "on"), "perf.compile", f"'{f.compile}' is unknown", "use off or on")
+    _check(f.fused_adamw in ("auto", "on", "off"), "perf.fused_adamw", f"'{f.fused_adamw}' is unknown",
+           "use auto (fused on CUDA), on or off")
+    _check(f.recompute in ("off", "selective", "full"), "perf.recompute", f"'{f.recompute}' is unknown",
+           "use off, selective (MLP) or full (every layer)")
+    _check(not (f.compile == "on" and p.zero_stage == 3), "perf.compile",
+           "ZeRO-3 gathers parameters in module hooks, which torch.compile is not run with here",
+           "use parallel.zero_stage <= 2 with perf.compile=on, or perf.compile=off")
 
     if world_size is not None:
         validate_layout(cfg, world_size)

@@ -129,6 +129,7 @@ class Run:
             autoencoder = load_frozen_autoencoder(self.autoencoder_ref, self.world.device)
         self.autoencoder = autoencoder
         self.engine = TrainEngine(self.cfg, task_for(self.cfg, autoencoder), self.world)
+        self.log.event(f"engine: {self.engine.describe()}")
         self.per_rank_batch = self.cfg.train.global_batch // self.dp
         self.loader = TokenLoader(self.cfg.data.train, "train", batch_size=self.per_rank_batch,
                                   dp_rank=self.world.dp_rank, dp_size=self.dp, seed=self.cfg.train.seed,
