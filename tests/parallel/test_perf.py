@@ -59,9 +59,13 @@ def test_activation_recomputation_gives_the_same_loss_and_gradients(mode):
 
 
 def test_compiled_hot_paths_trace_to_the_eager_result():
-    """Dynamo + AOTAutograd trace megatron's layer (SDPA inside) and CALM.head_loss (no kernels generated)."""
+    """Dynamo + AOTAutograd trace megatron's layer (SDPA inside) and CALM.head_loss (no kernels generated),
+    each as one graph without breaks."""
+    from torch._dynamo.utils import counters
     torch._dynamo.reset()
+    counters.clear()
     assert_close(loss_and_grads(), loss_and_grads(compile_backend="aot_eager"), rel=1e-6)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
 
 
 def test_inductor_energy_head_and_loss_equal_eager():
