@@ -104,7 +104,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict:
 def section_env(device: torch.device, size: dict) -> dict:
     import importlib.metadata as md
     versions = {}
-    for name in ("torch", "megatron-core", "deepspeed", "pydantic", "numpy", "triton", "transformers", "flash-attn"):
+    for name in ("torch", "megatron-core", "deepspeed", "pydantic", "numpy", "triton", "transformers", "flash-attn-4",
+                 "nvidia-cutlass-dsl"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
