@@ -186,7 +186,10 @@ class TrainEngine:
             raise ValueError(f"TrainEngine: {tokens_BL.shape[0]} sequences with {sample_ids.shape[0]} sample ids "
                              f"do not split into micro-batches of train.micro_batch={micro}. Fix: feed "
                              "train.global_batch / dp sequences and one id per sequence")
-        return list(zip(tokens_BL.to(self.world.device).split(micro), sample_ids.split(micro)))
+        if self.world.device.type == "cuda" and tokens_BL.device.type == "cpu":
+            tokens_BL = tokens_BL.pin_memory()      # a copy from pinned memory does not wait for the GPU to drain
+        tokens_BL = tokens_BL.to(self.world.device, non_blocking=True)
+        return list(zip(tokens_BL.split(micro), sample_ids.split(micro)))
 
     def _rng(self, step: int, ids: torch.Tensor) -> SampleRNG:
         return SampleRNG(sample_seeds(self.cfg.train.seed, step, ids), self.world.device)
