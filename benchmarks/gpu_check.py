@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
-import math
 import os
 import pathlib
 import platform
@@ -41,11 +39,12 @@ import traceback
 import common  # first: it sets the environment (DS_ACCELERATOR=cpu without CUDA) before DeepSpeed is imported
 import torch
 
-import gpu_steps  # noqa: E402
-from gpu_steps import GIB, H200_BF16_DENSE_PEAK, peak_gib, reset_memory, step_config, sync  # noqa: E402
+import gpu_steps
+from common import sync
+from gpu_steps import GIB, peak_gib, reset_memory, step_config
 
-from calm_train.parallel import runtime                                     # noqa: E402
-from calm_train.train.flops import measure_peak_flops                       # noqa: E402
+from calm_train.parallel import runtime
+from calm_train.train.flops import measure_peak_flops
 
 # Full sizes are the paper's (calm_m.yaml, transformer_m.yaml, Llama 3 vocabulary); smoke sizes run on 2 CPU cores.
 # micro x accumulation is today's setting (the baseline); micro_search the candidates of the optimised runs.

@@ -22,6 +22,7 @@ import time
 import traceback
 
 import torch
+from common import sync
 
 from calm_train.config import load_config
 from calm_train.models.autoencoder import Autoencoder
@@ -52,11 +53,6 @@ def variants(ladder: bool) -> dict[str, tuple[list[str], bool]]:
     if ladder:
         out.update({name: (BASELINE + extra, name == "+micro-batch") for name, extra in LEVERS.items()})
     return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_memory(device: torch.device) -> float | None:

@@ -24,6 +24,7 @@ import sys
 
 import common  # first: it sets the environment before anything imports DeepSpeed
 import torch
+from calm_step import PRESETS  # the tiny and small sizes
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from calm_train.config import load_config
@@ -38,13 +39,6 @@ ENGINE_RANGES = {"engine.optimizer_step": "optimizer step (DeepSpeed: norm, over
                  "engine.forward": "forward: outside the labelled modules"}
 COMMUNICATION = "communication (collectives)"
 OTHER = "other (outside the step's phases)"
-PRESETS = {   # base config, overrides, seq_len, micro_batch (calm_step.py's sizes)
-    "tiny": ("tiny_calm", [], 64, 4),
-    "small": ("tiny_calm", ["model.backbone.hidden_size=256", "model.backbone.intermediate_size=688",
-                            "model.backbone.num_layers=4", "model.backbone.num_heads=8",
-                            "model.ae.hidden_size=128", "model.ae.intermediate_size=256", "model.ae.latent_size=128",
-                            "model.head.num_blocks=4", "model.head.noise_size=64"], 256, 4),
-}
 
 
 def _compiled(module: torch.nn.Module) -> bool:

@@ -65,6 +65,15 @@ class StepResult:
     def grad_norm(self) -> float:
         return math.nan if self._grad_norm is None else float(self._grad_norm)
 
+    def _values(self) -> tuple:
+        return self.loss, self.grad_norm, self.lr, self.skipped
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StepResult) and self._values() == other._values()
+
+    def __repr__(self) -> str:
+        return "StepResult(loss={}, grad_norm={}, lr={}, skipped={})".format(*self._values())
+
 
 class TrainModule(nn.Module):
     """What DeepSpeed wraps: the trainable model of this stage, run through the task.

@@ -72,6 +72,10 @@ class Run:
         self.run_dir = pathlib.Path(cfg.run_dir)
         self.info = resolve_data(cfg)
         validate(cfg)
+        if cfg.model.kind != "autoencoder":     # model.attention=flash where it cannot run: refused before any work
+            from calm_train.models.attention import resolve_attention
+            b = cfg.model.backbone
+            resolve_attention(cfg.model.attention, self.engine_dtype(), b.hidden_size // b.num_heads)
         self.autoencoder_ref = None
         if cfg.model.kind == "calm":
             from calm_train.train.frozen_autoencoder import check_autoencoder
