@@ -252,6 +252,14 @@ def section_steps(device: torch.device, size: dict, peaks: dict, out_dir: pathli
             row.update(gpu_steps.compare_losses(row, results[model].get("baseline", {})))
         results[model][variant] = row
         report(step_line(MODELS[model], row))
+        if variant == "optimised" and "error" in row:
+            for fallback, fallback_overrides in gpu_steps.FALLBACKS.items():
+                row = gpu_steps.run_variant(model, fallback, fallback_overrides, True, device, size, peaks)
+                row.update(gpu_steps.compare_losses(row, results[model].get("baseline", {})))
+                results[model][fallback] = row
+                report(step_line(MODELS[model], row))
+                if "error" not in row:
+                    break
         (out_dir / "steps.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 

@@ -10,7 +10,8 @@ rounding; `compare_losses` checks it against LOSS_TOLERANCE.
     +flash-attn-4 model.attention=flash
     +micro-batch  the largest micro-batch of MICRO_SEARCH that fits, same global batch (fewer accumulation steps)
     +compile      perf.compile=on
-    optimised     all of them, attention auto (flash-attn-4 when it imports, else SDPA: the row says which)
+    optimised     all of them, attention auto (flash-attn-4 when it imports, else SDPA: the row says which);
+                  if it fails, FALLBACKS in turn, so that one run gives the table
 
 Each run: build the engine (TrainEngine: DeepSpeed ZeRO-1, bf16 with fp32 master weights), `warmup` steps
 (torch.compile and flash-attn-4 compile their kernels here), `steps` timed steps, peak memory.
@@ -45,6 +46,10 @@ LEVERS = {
     "+compile": ["perf.compile=on"],
 }
 OPTIMISED = ["model.attention=auto", "perf.compile=on", "perf.fused_adamw=on", "perf.recompute=off"]
+# tried in turn only when the optimised run fails (one GPU run must give the table): without flash-attn-4, then
+# also without compilation
+FALLBACKS = {"optimised (sdpa)": OPTIMISED + ["model.attention=sdpa"],
+             "optimised (sdpa, eager)": OPTIMISED + ["model.attention=sdpa", "perf.compile=off"]}
 
 
 def variants(ladder: bool) -> dict[str, tuple[list[str], bool]]:

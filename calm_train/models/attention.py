@@ -3,7 +3,7 @@
 megatron's SelfAttention projects q/k/v, applies RoPE and calls `core_attention(q, k, v, ...)`
 with [seq, batch, heads_per_partition, head_dim] tensors; the module returns
 [seq, batch, heads_per_partition * head_dim].  The backend is chosen once, in the spec
-(`core_attention_for`), never by branches in the model:
+(`resolve_attention`), never by branches in the model:
 
     softmax(q k^T * scale + causal) v       scale = 1/sqrt(head_dim)
 
@@ -176,9 +176,3 @@ def _flash_version() -> str:
         return importlib.metadata.version("flash-attn-4")
     except importlib.metadata.PackageNotFoundError:
         return "unknown version"
-
-
-def core_attention_for(name: str, params_dtype: torch.dtype = torch.float32,
-                       head_dim: int | None = None) -> type[_CoreAttention]:
-    """The core-attention module for the layer spec (see resolve_attention)."""
-    return resolve_attention(name, params_dtype, head_dim)[0]

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from calm_train.config import BackboneArch, ConfigError
-from calm_train.models.attention import (KVCache, SDPACoreAttention, core_attention_for, resolve_attention,
-                                       use_kv_cache)
+from calm_train.models.attention import KVCache, SDPACoreAttention, resolve_attention, use_kv_cache
 from calm_train.models.backbone import Backbone, transformer_config
 from calm_train.models.rope import RotaryEmbedding
 from calm_train.parallel import runtime
@@ -146,7 +145,7 @@ def test_attention_backend_resolution():
             SDPACoreAttention, "sdpa (model.attention=auto; flash not used: CUDA is not available)")
         with pytest.raises(ConfigError, match=r"'model.attention': flash cannot run here: CUDA is not available\. "
                                               r"Fix: .*pip install '\.\[gpu\]'.*model.attention=sdpa"):
-            core_attention_for("flash", torch.bfloat16, 64)
+            resolve_attention("flash", torch.bfloat16, 64)
         assert Backbone(ARCH, attention="auto").attention_backend.startswith("sdpa (model.attention=auto")
     with pytest.raises(ConfigError, match="'model.attention': 'xformers' is unknown"):
-        core_attention_for("xformers")
+        resolve_attention("xformers")
