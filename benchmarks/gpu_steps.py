@@ -13,8 +13,9 @@ rounding; `compare_losses` checks it against LOSS_TOLERANCE.
     optimised     all of them, attention auto (flash-attn-4 when it imports, else SDPA: the row says which);
                   if it fails, FALLBACKS in turn, so that one run gives the table
 
-Each run: build the engine (TrainEngine: DeepSpeed ZeRO-1, bf16 with fp32 master weights), `warmup` steps
-(torch.compile and flash-attn-4 compile their kernels here), `steps` timed steps, peak memory.
+Each run: a fresh torch.compile state (torch._dynamo.reset: every variant compiles for its own static shapes),
+build the engine (TrainEngine: DeepSpeed ZeRO-1, bf16 with fp32 master weights), `warmup` steps (torch.compile
+and flash-attn-4 compile their kernels here), `steps` timed steps back to back, peak memory.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import time
 import traceback
 
 import torch
+import torch._dynamo
 from common import sync
 
 from calm_train.config import load_config
@@ -108,6 +110,7 @@ def run_variant(name: str, variant: str, overrides: list[str], search: bool, dev
     candidates = size["micro_search"] if search else (size["micro"],)
     errors = []
     for micro in candidates:
+        torch._dynamo.reset()     # compile each variant afresh, for its own static shapes (as a new process would)
         before_build = reset_memory(device)
         engine = None
         try:
