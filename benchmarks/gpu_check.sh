@@ -9,7 +9,8 @@
 # CuTe-DSL wheels) and .gpu/parts/ (a wheel too large for one transfer, in parts + a sha256 manifest).
 #
 # 1. joins the wheel parts found in .gpu/parts/ and in the stash ($GPU_CHECK_STASH, default
-#    /tmp/gpu_check_parts, where --stash-parts copied an earlier transfer's parts), checking every sha256;
+#    /tmp/gpu_check_parts, where --stash-parts copied an earlier transfer's parts), checking every sha256
+#    (a missing or damaged part is named; the check then runs without that wheel);
 # 2. installs the wheels into a private --target folder, with no index and no dependencies, and puts it on
 #    PYTHONPATH with the checkout and CuTe-DSL's package folder (what its .pth file does in a site-packages);
 # 3. prints the GPU, the versions and whether flash_attn.cute imports, then runs benchmarks/gpu_check.py under a
@@ -38,9 +39,11 @@ wheels=(.whl/*.whl)
 manifests=(.gpu/parts/*.parts.json "$stash"/*.parts.json)
 if [ ${#manifests[@]} -gt 0 ]; then
   echo "== joining wheel parts (.gpu/parts, $stash)"
-  "$py" benchmarks/wheel_parts.py join --from .gpu/parts "$stash" --to .gpu/joined || {
-    echo "gpu_check.sh: joining the wheel parts failed" >&2; exit 3; }
-  wheels+=(.gpu/joined/*.whl)
+  if "$py" benchmarks/wheel_parts.py join --from .gpu/parts "$stash" --to .gpu/joined; then
+    wheels+=(.gpu/joined/*.whl)
+  else   # the check still runs: flash-attn-4 then cannot import, and its rows and the log say so
+    echo "gpu_check.sh: joining the wheel parts failed; continuing without them" >&2
+  fi
 fi
 if [ ${#wheels[@]} -gt 0 ]; then
   echo "== installing ${#wheels[@]} wheels into $site"
