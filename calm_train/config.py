@@ -19,6 +19,8 @@ import yaml
 from calm_train.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+
+
 MODEL_KINDS = ("autoencoder", "calm", "ar")
 
 
@@ -175,6 +177,16 @@ class LoggingConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed switches.  None changes the model or the loss; on CPU the defaults run the plain eager path."""
+    compile: str = "off"              # off | on: torch.compile of each backbone layer (norm/SwiGLU/RoPE glue) and
+                                      # of the energy head + energy loss (results equal eager to rounding)
+    fused_adamw: str = "auto"         # auto (on on CUDA) | on | off: torch AdamW(fused=True); never on CPU
+    recompute: str = "off"            # off | selective (the MLP of each layer) | full (every layer): activation
+                                      # recomputation in backward, to make room for larger micro-batches
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -182,6 +194,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,13 +202,16 @@ class Config:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML without base-60 integers (YAML 1.1 reads 10:12 as 612): train.profile=10:12 stays a string."""
+    """YAML as a config means it: booleans are true/false only (YAML 1.1 also reads on/off/yes/no, which would
+    turn `logging.wandb=off` or `perf.compile=on` into a bool) and integers have no base 60 (YAML 1.1 reads
+    10:12 as 612, so train.profile=10:12 stays a string)."""
 
 
-_INT = "tag:yaml.org,2002:int"
+_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
 _YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _YamlLoader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)
                                                     |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
 
@@ -451,6 +467,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", "allow a few skipped steps, e.g. 5")
     _check(cfg.logging.wandb in ("off", "offline", "online"), "logging.wandb",
            f"'{cfg.logging.wandb}' is unknown", "use off, offline or online")
+    f = cfg.perf
+    _check(f.compile in ("off", "on"), "perf.compile", f"'{f.compile}' is unknown", "use off or on")
+    _check(f.fused_adamw in ("auto", "on", "off"), "perf.fused_adamw", f"'{f.fused_adamw}' is unknown",
+           "use auto (fused on CUDA), on or off")
+    _check(f.recompute in ("off", "selective", "full"), "perf.recompute", f"'{f.recompute}' is unknown",
+           "use off, selective (MLP) or full (every layer)")
+    _check(not (f.compile == "on" and p.zero_stage == 3), "perf.compile",
+           "ZeRO-3 gathers parameters in module hooks, which torch.compile is not run with here",
+           "use parallel.zero_stage <= 2 with perf.compile=on, or perf.compile=off")
 
     if world_size is not None:
         validate_layout(cfg, world_size)

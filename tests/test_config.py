@@ -30,6 +30,9 @@ def test_overrides_are_typed():
                                            "parallel.sequence_parallel=true"])
     assert (cfg.train.lr, cfg.parallel.tp, cfg.train.steps, cfg.data.seq_len) == (0.01, 2, 7, 64)
     assert cfg.parallel.sequence_parallel is True
+    # YAML 1.2 booleans: on/off/yes/no stay strings for string keys
+    cfg = load_config("tiny_calm", CALM + ["logging.wandb=off", "perf.compile=on", "perf.recompute=off"])
+    assert (cfg.logging.wandb, cfg.perf.compile, cfg.perf.recompute) == ("off", "on", "off")
 
 
 INVALID = [
@@ -55,6 +58,10 @@ INVALID = [
     (["train.schedule=linear"], "train.schedule", None),
     (["train.dtype=fp16"], "train.dtype", None),
     (["logging.wandb=cloud"], "logging.wandb", None),
+    (["perf.compile=max"], "perf.compile", None),
+    (["perf.compile=on", "parallel.zero_stage=3"], "perf.compile", None),
+    (["perf.fused_adamw=yes"], "perf.fused_adamw", None),
+    (["perf.recompute=attention"], "perf.recompute", None),
     (["train.keep_last=0"], "train.keep_last", None),
     (["model.ae.ae_dropout=1.5"], "model.ae.ae_dropout", None),
     (["train.bogus=1"], "train.bogus", None),

@@ -80,6 +80,10 @@ class Run:
         validate(cfg)
         from calm_train.train.warm_start import WarmStart
         self.warm_start = WarmStart.open(cfg, self.run_dir)    # model.init_from: checked and read here
+        if cfg.model.kind != "autoencoder":     # model.attention=flash where it cannot run: refused before any work
+            from calm_train.models.attention import resolve_attention
+            b = cfg.model.backbone
+            resolve_attention(cfg.model.attention, self.engine_dtype(), b.hidden_size // b.num_heads)
         self.autoencoder_ref = None
         if cfg.model.kind == "calm":
             from calm_train.train.frozen_autoencoder import check_autoencoder
@@ -146,6 +150,7 @@ class Run:
             task.init_state = self.warm_start.take_state()
         self.engine = TrainEngine(self.cfg, task, self.world)
         task.init_state = None
+        self.log.event(f"engine: {self.engine.describe()}")
         self.per_rank_batch = self.cfg.train.global_batch // self.dp
         self.loader = TokenLoader(self.cfg.data.train, "train", batch_size=self.per_rank_batch,
                                   dp_rank=self.world.dp_rank, dp_size=self.dp, seed=self.cfg.train.seed,
