@@ -140,11 +140,37 @@ class TokenLoader:
     def num_samples(self) -> int:
         return self.info.splits[self.split]["samples"]
 
+    @property
+    def own_samples(self) -> int:
+        """Samples of one epoch that belong to this dp rank alone (streaming deals them out in turn)."""
+        return len(range(self.dp_rank, self.dataset.epoch_size, self.dp_size))
+
     def _expected(self, sample_in_epoch: int) -> int:
         """This rank's sample count for the rest of an epoch, by streaming's own partition."""
         ids = get_partitions(self.dataset.partition_algo, self.dataset.epoch_size, CANONICAL_NODES, 1,
                              self.dp_size, max(1, self.num_workers), self.batch_size, sample_in_epoch, 1)
         return int((ids[0, self.dp_rank] >= 0).sum())
+
+    def one_pass(self):
+        """The split once from its start, with the final partial batch; every batch gets `own` [B] (bool):
+        False marks streaming's repeats that even out the dp ranks' shares (always at the end of a share).
+        Every rank yields the same number of batches of the same sizes.  Needs num_workers=0 (in order)."""
+        if self.num_workers:
+            raise ValueError("TokenLoader.one_pass reads in order: construct the loader with num_workers=0")
+        expected, own = self._expected(0), self.own_samples
+        self._yielded = 0
+        for batch in self._loader:
+            n = len(batch["sample_ids"])
+            batch["own"] = torch.arange(self._yielded, self._yielded + n) < own
+            self._yielded += n
+            yield batch
+        if self._yielded != expected:
+            raise DataError(self._short_epoch(expected))
+
+    def _short_epoch(self, expected: int) -> str:
+        return (f"{self.data_dir / self.split}: epoch {self.epoch} ended after {self._yielded} of {expected} "
+                f"samples on dp rank {self.dp_rank} (a shard failed to load; see the worker error above). "
+                f"Fix: run `calm-train verify-data {self.data_dir}` and re-prepare the bad shard")
 
     def __iter__(self):
         while True:
@@ -161,10 +187,7 @@ class TokenLoader:
                 if n == self.batch_size:
                     yield batch
             if self._yielded != expected:
-                raise DataError(
-                    f"{self.data_dir / self.split}: epoch {self.epoch} ended after {self._yielded} of {expected} "
-                    f"samples on dp rank {self.dp_rank} (a shard failed to load; see the worker error above). "
-                    f"Fix: run `calm-train verify-data {self.data_dir}` and re-prepare the bad shard")
+                raise DataError(self._short_epoch(expected))
             self.epoch += 1
             self._epoch_offset = 0
 
@@ -194,6 +217,16 @@ class TokenLoader:
         if dist:
             dist.barrier()
         self._job.close()
+
+
+def require_one_batch(data_dir, split: str, samples: int, batch_size: int, dp_size: int, key: str) -> None:
+    """Refuse a split in which a dp rank's share of an epoch (ceil(samples / dp): streaming evens the shares
+    out) is smaller than its batch: training reads whole batches only and would wait forever for one."""
+    share = -(-samples // dp_size)
+    if share < batch_size:
+        raise DataError(f"{pathlib.Path(data_dir) / split}: {samples} samples are fewer than one batch: {key}="
+                        f"{batch_size * dp_size} over dp={dp_size} ranks needs {batch_size} samples per rank, a rank "
+                        f"gets {share}. Fix: lower {key} to at most {share * dp_size}, or prepare more data")
 
 
 def _broadcast_key() -> str:
