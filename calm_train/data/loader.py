@@ -219,14 +219,15 @@ class TokenLoader:
         self._job.close()
 
 
-def require_one_batch(data_dir, split: str, samples: int, batch_size: int, dp_size: int, key: str) -> None:
-    """Refuse a split in which a dp rank's share of an epoch (ceil(samples / dp): streaming evens the shares
-    out) is smaller than its batch: training reads whole batches only and would wait forever for one."""
-    share = -(-samples // dp_size)
-    if share < batch_size:
-        raise DataError(f"{pathlib.Path(data_dir) / split}: {samples} samples are fewer than one batch: {key}="
-                        f"{batch_size * dp_size} over dp={dp_size} ranks needs {batch_size} samples per rank, a rank "
-                        f"gets {share}. Fix: lower {key} to at most {share * dp_size}, or prepare more data")
+def require_one_batch(data_dir, split: str, samples: int, global_batch: int, dp_size: int) -> None:
+    """Refuse a training split in which a dp rank's share of an epoch (ceil(samples / dp): streaming evens
+    the shares out) is smaller than its batch: training reads whole batches only and would wait forever."""
+    share, batch = -(-samples // dp_size), global_batch // dp_size
+    if share < batch:
+        raise DataError(f"{pathlib.Path(data_dir) / split}: {samples} samples are fewer than one batch: "
+                        f"train.global_batch={global_batch} over dp={dp_size} ranks needs {batch} samples per rank, "
+                        f"a rank gets {share}. Fix: prepare more data, or lower train.global_batch (and "
+                        f"train.micro_batch) to at most {share * dp_size}")
 
 
 def _broadcast_key() -> str:

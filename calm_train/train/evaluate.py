@@ -138,7 +138,7 @@ def plan_micro_batches(own_B: torch.Tensor, micro: int) -> tuple[list[torch.Tens
     copies of one sample, with its sample id and so its noise, have its loss as their mean)."""
     rows = own_B.nonzero().flatten()
     whole = len(rows) // micro * micro
-    groups = list(rows[:whole].split(micro)) + [row.repeat(micro) for row in rows[whole:]]
+    groups = list(rows[:whole].view(-1, micro)) + [row.repeat(micro) for row in rows[whole:]]
     return groups, [micro] * (whole // micro) + [1] * (len(rows) - whole)
 
 

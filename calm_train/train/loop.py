@@ -81,8 +81,7 @@ class Run:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         validate_layout(cfg, self.world_size)
         self.dp = data_parallel_size(cfg, self.world_size)
-        require_one_batch(cfg.data.train, "train", self.info.splits["train"]["samples"],
-                          cfg.train.global_batch // self.dp, self.dp, "train.global_batch")
+        require_one_batch(cfg.data.train, "train", self.info.splits["train"]["samples"], cfg.train.global_batch, self.dp)
         self.log = Logbook(self.run_dir, cfg, enabled=self.rank == 0, total_steps=cfg.train.steps)
         self.checkpoints = CheckpointManager(self.run_dir, self.rank, dist.barrier, cfg.train.keep_last,
                                              cfg.train.keep_every, log=self.log.event)

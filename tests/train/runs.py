@@ -27,6 +27,15 @@ def calm_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def error_line(proc: subprocess.CompletedProcess, command: str) -> str:
+    """The one-line error a refused command ends with (exit 1, no traceback; libraries may warn before it)."""
+    assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"calm-train {command}: error: "), proc.stderr[-3000:]
+    return line
+
+
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "calm_train", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
