@@ -63,6 +63,15 @@ INVALID = [
     (["train.global_batch=12"], "train.global_batch", 2),                     # 12 % (4 x dp 2) != 0
     (["parallel.pp=2", "train.global_batch=4"], "train.global_batch", 2),     # 1 microbatch cannot fill 2 stages
     (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=12"], "parallel.sequence_parallel", None),
+    (["train.lr=nan"], "train.lr", None),
+    (["train.lr=inf"], "train.lr", None),
+    (["train.lr=.inf"], "train.lr", None),
+    (["model.backbone.hidden_size=0"], "model.backbone.hidden_size", None),
+    (["model.backbone.intermediate_size=-4"], "model.backbone.intermediate_size", None),
+    (["model.backbone.num_layers=0"], "model.backbone.num_layers", None),
+    (["model.backbone.num_kv_heads=0"], "model.backbone.num_kv_heads", None),
+    (["model.ae.intermediate_size=0"], "model.ae.intermediate_size", None),
+    (["model.ae.hidden_size=-1"], "model.ae.hidden_size", None),
 ]
 
 
@@ -87,3 +96,24 @@ def test_unknown_config_name_lists_the_named_ones(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(str(bad))
+
+
+def test_wandb_off_and_yaml_1_1_booleans(tmp_path):
+    """`off` is the documented value of logging.wandb (YAML 1.1 would read a boolean); yes/no/on/off still set
+    boolean keys."""
+    assert load_config("tiny_calm", CALM + ["logging.wandb=off"]).logging.wandb == "off"
+    path = tmp_path / "run.yaml"
+    path.write_text("base: tiny_calm\nlogging: {wandb: off, progress: off}\nparallel: {sequence_parallel: no}\n")
+    cfg = load_config(str(path), CALM)
+    assert (cfg.logging.wandb, cfg.logging.progress, cfg.parallel.sequence_parallel) == ("off", False, False)
+    assert load_config("tiny_calm", CALM + ["logging.progress=on"]).logging.progress is True
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    from calm_train.errors import UserError
+    path = tmp_path / "broken.yaml"
+    path.write_text("base: tiny_calm\ntrain:\n  steps: 10\n  lr: [1e-3\n")
+    with pytest.raises(UserError, match=rf"{path}:5:1: not valid YAML"):
+        load_config(str(path), CALM)
+    with pytest.raises(UserError, match=r"override 'train.lr=\[1': not valid YAML"):
+        load_config("tiny_calm", CALM + ["train.lr=[1"])

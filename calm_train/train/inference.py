@@ -92,6 +92,9 @@ def generate_text(spec: str, prompt: str, temperature: float = 1.0, max_new_toke
             raise UserError(f"{loaded.checkpoint} is an autoencoder: it reconstructs chunks, it does not continue "
                             "text. Fix: generate with a CALM or AR checkpoint")
         from calm_train.models.generate import generate_ar, generate_calm
+        if kind == "ar" and not ids:
+            raise UserError(f"--prompt {prompt!r} has no tokens, and the AR model {loaded.checkpoint} continues "
+                            "at least one. Fix: give a non-empty --prompt")
         if kind == "calm":
             out = generate_calm(loaded.model, loaded.autoencoder, ids, max_new_tokens, temperature, seed,
                                 pad_id=loaded.tokenizer.pad_id)
