@@ -8,34 +8,20 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from runs import Job, calm_train, error_line, metrics  # noqa: E402
+from runs import Job, calm_train, error_line, metrics, prepare_texts, samples  # noqa: E402
 
 SEQ = 32
 
 
-def prepare(tiny_data: pathlib.Path, out: pathlib.Path, docs: list[str]) -> pathlib.Path:
-    """`docs` prepared with the session data's tokenizer, all in the train split."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    src = out.parent / f"{out.name}.jsonl"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    calm_train("prepare", "--input", str(src), "--tokenizer", str(tiny_data / "tokenizer.json"), "--out", str(out),
-               "--seq-len", str(SEQ), "--val-fraction", "0")
-    return out
-
-
 @pytest.fixture(scope="module")
 def one_sample(tiny_data, tmp_path_factory) -> pathlib.Path:
-    return prepare(tiny_data, tmp_path_factory.mktemp("small") / "one", ["A short document."])
+    return prepare_texts(tiny_data, tmp_path_factory.mktemp("small") / "one", ["A short document."])
 
 
 @pytest.fixture(scope="module")
 def no_val(tiny_corpus, tiny_data, tmp_path_factory) -> pathlib.Path:
     docs = [json.loads(line)["text"][:500] for line in tiny_corpus.read_text().splitlines()]
-    return prepare(tiny_data, tmp_path_factory.mktemp("small") / "no_val", docs[1:3])
-
-
-def samples(data: pathlib.Path) -> int:
-    return json.loads((data / "dataset.json").read_text())["splits"]["train"]["samples"]
+    return prepare_texts(tiny_data, tmp_path_factory.mktemp("small") / "no_val", docs[1:3])
 
 
 def test_a_train_split_smaller_than_one_batch_is_refused_with_its_numbers(one_sample, tmp_path):
