@@ -34,10 +34,12 @@ def test_a_train_split_smaller_than_one_batch_is_refused_with_its_numbers(one_sa
 
 
 def test_one_sample_validation_under_dp_and_no_validation_split_both_finish(tiny_data, one_sample, no_val, tmp_path):
-    """dp=2 over a 1-sample validation split: rank 1 reads only streaming's repeat, which is not counted."""
+    """dp=2 over a 1-sample validation split: rank 1 reads only streaming's repeat, which is not counted, and
+    still runs as many forwards as rank 0 (ZeRO-3 gathers the weights in each)."""
     run = tmp_path / "dp2"
     job = Job(2, ["train", "tiny_ar", f"run_dir={run}", f"data.train={tiny_data}", f"data.val={one_sample}",
-                  "train.steps=2", "train.eval_every=1", "logging.progress=false"], tmp_path / "dp2.log")
+                  "train.steps=2", "train.eval_every=1", "parallel.zero_stage=3", "logging.progress=false"],
+              tmp_path / "dp2.log")
     assert job.wait(timeout=600) == 0, job.output()[-3000:]
     evals = metrics(run, "eval.jsonl")
     assert [(e["step"], e["samples"]) for e in evals] == [(1, 1), (2, 1)]
