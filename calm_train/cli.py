@@ -1,8 +1,10 @@
 """The `calm-train` command line: prepare, verify-data, train, config, eval, generate, convert, demo.
 
 Each subcommand imports its implementation lazily, so `calm-train --help` answers at once.
-Exit codes: 0 done, 1 a clear error (printed as one line naming the file or key and the fix),
-75 a checkpoint was saved after SIGTERM/SIGUSR1 or the wall-clock limit (requeue and relaunch to resume).
+Exit codes (every command, calm_train.errors.run_command): 0 done, 1 a clear error (one line
+`calm-train CMD: error: ...` naming the file or key and the fix), 2 command-line usage, 70 an internal
+error (a bug: the traceback is printed), 75 a checkpoint was saved after SIGTERM/SIGUSR1 or the
+wall-clock limit (requeue and relaunch to resume).
 """
 from __future__ import annotations
 
@@ -113,6 +115,7 @@ def _named_configs_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from calm_train import __version__
+    from calm_train.errors import positive_int
     parser = argparse.ArgumentParser(prog="calm-train", description=__doc__.splitlines()[0],
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"calm-train {__version__}")
@@ -142,14 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "object on stdout", _eval)
     p.add_argument("checkpoint", help=checkpoint_help)
     p.add_argument("--data", help="prepared data directory (default: the run's validation data)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens (default: all)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="evaluate at most this many tokens (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled Brier estimates")
 
     p = _add_command(sub, "generate", "sample a continuation of a prompt; prints the text on stdout", _generate)
     p.add_argument("checkpoint", help=checkpoint_help)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in [0, 1]; 0 means greedy")
-    p.add_argument("--max-new-tokens", type=int, default=64,
+    p.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="tokens to generate (a warning when prompt + new tokens exceed the trained context)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
@@ -169,12 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from calm_train.errors import user_errors
-    try:
-        return int(args.func(args) or 0)
-    except user_errors() as err:
-        print(f"calm-train {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    from calm_train.errors import run_command
+    return run_command(args.command, args.func, args)
 
 
 if __name__ == "__main__":

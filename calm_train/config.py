@@ -216,10 +216,6 @@ _YamlLoader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0
                                                     |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
 
 
-def _yaml_load(text):
-    return yaml.load(text, Loader=_YamlLoader)
-
-
 def resolve_config_path(spec: str) -> pathlib.Path:
     path = pathlib.Path(spec)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -238,11 +234,27 @@ def named_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+YAML_1_1_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
+
+
+def _load_yaml(text, where: str):
+    """`text` (an open file, or one override's value) as YAML; a syntax error names `where` (a file: with
+    line and column)."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark and not isinstance(text, str) else where
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{at}: not valid YAML ({problem}). Fix: correct the YAML there (`key: value`, nested "
+                        "keys indented by spaces; quote text with ':' or '#')") from err
+
+
 def _read_yaml_tree(path: pathlib.Path, seen: tuple = ()) -> dict:
     if path in seen:
         raise ConfigError("base", f"{path} extends itself through {list(seen)}", "remove the cycle")
     with open(path) as f:
-        tree = _yaml_load(f) or {}
+        tree = _load_yaml(f, str(path)) or {}
     if not isinstance(tree, dict):
         raise ConfigError("CONFIG", f"{path} does not hold a mapping", "write `key: value` YAML")
     base = tree.pop("base", None)
@@ -269,7 +281,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         *parents, leaf = dotted.strip().split(".")
         for name in parents:
             node = node.setdefault(name, {})
-        node[leaf] = _yaml_load(raw) if raw != "" else None
+        node[leaf] = _load_yaml(raw, f"override {item!r}") if raw != "" else None
     return tree
 
 
@@ -302,6 +314,10 @@ def _coerce(hint, value, dotted: str):
         raise ConfigError(dotted, "must not be empty", f"give a {allowed[0].__name__}")
     if isinstance(value, str) and (float in allowed or int in allowed):
         value = _number(value)                # YAML 1.1 reads 3e-4 (no dot) as a string
+    if isinstance(value, str) and bool in allowed and value.lower() in YAML_1_1_BOOLS:
+        value = YAML_1_1_BOOLS[value.lower()]  # yes/no/on/off still mean true/false for a boolean key
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(dotted, f"{value} is not a finite number", "give a finite value")
     for typ in allowed:
         if get_origin(typ) is list and isinstance(value, list):
             return [_coerce(get_args(typ)[0], item, f"{dotted}[{n}]") for n, item in enumerate(value)]
@@ -375,6 +391,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                f"use a multiple of {m.patch_size}, e.g. {max(1, (d.seq_len or 0) // m.patch_size) * m.patch_size}")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0", "use 0 or more loader workers")
     _validate_mixture(d.train)
+
+    sizes = {"model.ae.hidden_size": m.ae.hidden_size, "model.ae.intermediate_size": m.ae.intermediate_size,
+             "model.ae.latent_size": m.ae.latent_size}
+    if m.kind in ("calm", "ar"):
+        b = m.backbone
+        sizes.update({"model.backbone.hidden_size": b.hidden_size, "model.backbone.intermediate_size":
+                      b.intermediate_size, "model.backbone.num_layers": b.num_layers,
+                      "model.backbone.num_heads": b.num_heads, "model.backbone.num_kv_heads": 1 if b.num_kv_heads is None else b.num_kv_heads})
+    for key, size in sizes.items():
+        _check(size >= 1, key, f"{size} must be >= 1", "give a positive size (see calm_train/configs for examples)")
+    for key, value in (("model.ae.norm_eps", m.ae.norm_eps), ("model.backbone.norm_eps", m.backbone.norm_eps),
+                       ("model.backbone.rope_theta", m.backbone.rope_theta)):
+        _check(value > 0, key, f"{value} must be > 0", "use the default (norm_eps 1e-6, rope_theta 10000)")
 
     ae = m.ae
     _check(ae.num_encoder_layers >= 2 and ae.num_decoder_layers >= 2, "model.ae.num_encoder_layers",

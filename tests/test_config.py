@@ -76,6 +76,15 @@ INVALID = [
     (["data.train=[{weight: 1}]"], "data.train[0].path", None),
     (["train.profile=5:3"], "train.profile", None),
     (["train.profile=5"], "train.profile", None),
+    (["train.lr=nan"], "train.lr", None),
+    (["train.lr=inf"], "train.lr", None),
+    (["train.lr=.inf"], "train.lr", None),
+    (["model.backbone.hidden_size=0"], "model.backbone.hidden_size", None),
+    (["model.backbone.intermediate_size=-4"], "model.backbone.intermediate_size", None),
+    (["model.backbone.num_layers=0"], "model.backbone.num_layers", None),
+    (["model.backbone.num_kv_heads=0"], "model.backbone.num_kv_heads", None),
+    (["model.ae.intermediate_size=0"], "model.ae.intermediate_size", None),
+    (["model.ae.hidden_size=-1"], "model.ae.hidden_size", None),
 ]
 
 
@@ -119,3 +128,24 @@ def test_profile_steps_are_not_read_as_base_60():
     cfg = load_config("tiny_ar", ["train.profile=10:12"])                        # YAML 1.1 would say 612
     assert cfg.train.profile == "10:12" and profile_steps(cfg.train.profile) == (10, 12)
     assert config_from_tree(yaml.safe_load(to_yaml(cfg))).train.profile == "10:12"
+
+
+def test_wandb_off_and_yaml_1_1_booleans(tmp_path):
+    """`off` is the documented value of logging.wandb (YAML 1.1 would read a boolean); yes/no/on/off still set
+    boolean keys."""
+    assert load_config("tiny_calm", CALM + ["logging.wandb=off"]).logging.wandb == "off"
+    path = tmp_path / "run.yaml"
+    path.write_text("base: tiny_calm\nlogging: {wandb: off, progress: off}\nparallel: {sequence_parallel: no}\n")
+    cfg = load_config(str(path), CALM)
+    assert (cfg.logging.wandb, cfg.logging.progress, cfg.parallel.sequence_parallel) == ("off", False, False)
+    assert load_config("tiny_calm", CALM + ["logging.progress=on"]).logging.progress is True
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    from calm_train.errors import UserError
+    path = tmp_path / "broken.yaml"
+    path.write_text("base: tiny_calm\ntrain:\n  steps: 10\n  lr: [1e-3\n")
+    with pytest.raises(UserError, match=rf"{path}:5:1: not valid YAML"):
+        load_config(str(path), CALM)
+    with pytest.raises(UserError, match=r"override 'train.lr=\[1': not valid YAML"):
+        load_config("tiny_calm", CALM + ["train.lr=[1"])

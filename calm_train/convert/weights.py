@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import pickle
 
 import torch
 
@@ -49,10 +50,15 @@ def find_weights(directory: pathlib.Path) -> pathlib.Path:
 def _read_one(path: pathlib.Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConvertError(f"{path} is missing (the weight index names it). Fix: download every shard")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import SafetensorError
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ConvertError(f"{path} cannot be read ({str(err).splitlines()[0]}): truncated or damaged. Fix: "
+                           "download it again") from err
     if not isinstance(state, dict):
         raise ConvertError(f"{path} does not hold a state dict (found {type(state).__name__}). Fix: save "
                            "`model.state_dict()` with torch.save")

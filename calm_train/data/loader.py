@@ -35,7 +35,7 @@ from streaming.base.partition import get_partitions
 from streaming.base.world import World
 
 from calm_train.data import jobdir
-from calm_train.data.dataset_info import DataError
+from calm_train.data.dataset_info import DataError, read_dataset_info
 from calm_train.data.mixing import as_sources, count_per_source, proportions, read_mixture
 from calm_train.data.verify import verify_dataset
 
@@ -160,11 +160,38 @@ class TokenLoader:
         """How many of a batch's samples come from each dataset, in the order of `names`."""
         return count_per_source(sample_ids, self.dataset.sample_offset_per_stream)
 
+    @property
+    def own_samples(self) -> int:
+        """Samples of one epoch that belong to this dp rank alone (streaming deals them out in turn)."""
+        return len(range(self.dp_rank, self.dataset.epoch_size, self.dp_size))
+
     def _expected(self, sample_in_epoch: int) -> int:
         """This rank's sample count for the rest of an epoch, by streaming's own partition."""
         ids = get_partitions(self.dataset.partition_algo, self.dataset.epoch_size, CANONICAL_NODES, 1,
                              self.dp_size, max(1, self.num_workers), self.batch_size, sample_in_epoch, 1)
         return int((ids[0, self.dp_rank] >= 0).sum())
+
+    def one_pass(self):
+        """The split once from its start, with the final partial batch; every batch gets `own` [B] (bool):
+        False marks streaming's repeats that even out the dp ranks' shares (always at the end of a share).
+        Every rank yields the same number of batches of the same sizes.  Needs num_workers=0 (in order)."""
+        if self.num_workers:
+            raise ValueError("TokenLoader.one_pass reads in order: construct the loader with num_workers=0")
+        expected, own = self._expected(0), self.own_samples
+        self._yielded = 0
+        for batch in self._loader:
+            n = len(batch["sample_ids"])
+            batch["own"] = torch.arange(self._yielded, self._yielded + n) < own
+            self._yielded += n
+            yield batch
+        if self._yielded != expected:
+            raise DataError(self._short_epoch(expected))
+
+    def _short_epoch(self, expected: int) -> str:
+        where = ", ".join(str(pathlib.Path(source.path) / self.split) for source in self.sources)
+        return (f"{where}: epoch {self.epoch} ended after {self._yielded} of {expected} samples on dp rank "
+                f"{self.dp_rank} (a shard failed to load; see the worker error above). "
+                "Fix: run `calm-train verify-data DIR` on each and re-prepare the bad shard")
 
     def __iter__(self):
         while True:
@@ -181,11 +208,7 @@ class TokenLoader:
                 if n == self.batch_size:
                     yield batch
             if self._yielded != expected:
-                where = ", ".join(str(pathlib.Path(source.path) / self.split) for source in self.sources)
-                raise DataError(
-                    f"{where}: epoch {self.epoch} ended after {self._yielded} of {expected} "
-                    f"samples on dp rank {self.dp_rank} (a shard failed to load; see the worker error above). "
-                    "Fix: run `calm-train verify-data DIR` on each and re-prepare the bad shard")
+                raise DataError(self._short_epoch(expected))
             self.epoch += 1
             self._epoch_offset = 0
 
@@ -215,6 +238,21 @@ class TokenLoader:
         if dist:
             dist.barrier()
         self._job.close()
+
+
+def require_one_batch(data, split: str, global_batch: int, dp_size: int) -> None:
+    """Refuse a training split (of one dataset or a mixture: data.train) in which a dp rank's share of an
+    epoch (ceil(samples / dp): streaming evens the shares out) is smaller than its batch: training reads
+    whole batches only and would wait forever."""
+    sources = as_sources(data)
+    samples = sum(read_dataset_info(source.path).splits[split]["samples"] for source in sources)
+    share, batch = -(-samples // dp_size), global_batch // dp_size
+    if share < batch:
+        where = ", ".join(str(pathlib.Path(source.path) / split) for source in sources)
+        raise DataError(f"{where}: {samples} samples are fewer than one batch: "
+                        f"train.global_batch={global_batch} over dp={dp_size} ranks needs {batch} samples per rank, "
+                        f"a rank gets {share}. Fix: prepare more data, or lower train.global_batch (and "
+                        f"train.micro_batch) to at most {share * dp_size}")
 
 
 def _broadcast_key() -> str:

@@ -242,16 +242,24 @@ class TrainEngine:
         return n_micro * self.world.dp_size * self.world.tp_size
 
     @torch.no_grad()
-    def eval_loss(self, tokens_BL: torch.Tensor, sample_ids: torch.Tensor) -> float:
-        """Mean loss over the global batch without gradients (model in eval mode, fixed noise)."""
+    def eval_losses(self, tokens_BL: torch.Tensor, sample_ids: torch.Tensor) -> list[float] | None:
+        """The mean loss of each micro-batch of this replica's batch, without gradients (model in eval mode,
+        fixed noise), on the last pipeline stage (None on the others); no collective beyond the replica's."""
         self.ds.eval()
         micro_batches = self._micro_batches(tokens_BL, sample_ids)
         if self.pipeline is not None:
-            loss_sum = self.pipeline.run(tokens_BL, sample_ids, EVAL_STEP, train=False)
+            self.pipeline.run(tokens_BL, sample_ids, EVAL_STEP, train=False)
+            losses = self.pipeline.micro_losses() if self.world.is_last_stage else None
         else:
-            loss_sum = sum(float(self.ds(tokens, self._rng(EVAL_STEP, ids))) for tokens, ids in micro_batches)
+            losses = [float(self.ds(tokens, self._rng(EVAL_STEP, ids))) for tokens, ids in micro_batches]
         self.ds.train()
-        return float(self._global_sum(loss_sum)) / self._mean_count(len(micro_batches))
+        return losses
+
+    def eval_loss(self, tokens_BL: torch.Tensor, sample_ids: torch.Tensor) -> float:
+        """Mean loss over the global batch without gradients (model in eval mode, fixed noise)."""
+        losses = self.eval_losses(tokens_BL, sample_ids)
+        n_micro = tokens_BL.shape[0] // self.cfg.train.micro_batch
+        return float(self._global_sum(sum(losses) if losses is not None else 0.0)) / self._mean_count(n_micro)
 
     def describe(self) -> str:
         """One line: the attention backend that runs, precision, optimizer kernel, compile and recomputation."""

@@ -88,3 +88,7 @@ class Pipeline:
         else:
             schedule.eval(*args, target=target, losses=[] if target is not None else None)
         return sum(self._losses)
+
+    def micro_losses(self) -> list[float]:
+        """The last stage's mean loss of each micro-batch of the latest `run`, in order."""
+        return list(self._losses)

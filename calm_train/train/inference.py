@@ -51,6 +51,7 @@ def load_for_inference(spec: str, device) -> Loaded:
 
 
 def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | None = None, seed: int = 0) -> dict:
+    """Score every sample of the validation split exactly once (or the first max_tokens // seq_len of them)."""
     from calm_train.data.loader import TokenLoader
     from calm_train.parallel import runtime
     from calm_train.train.evaluate import accumulate, batch_metric_sums, finish, validation_source
@@ -62,20 +63,29 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         elif not cfg.data.train:
             raise UserError(f"{loaded.checkpoint} names no data (an exported or converted model). Fix: pass --data DIR "
                             "(a `calm-train prepare` output with the model's tokenizer)")
-        data_dir, split = validation_source(cfg)
-        loader = TokenLoader(data_dir, split, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
+        source = validation_source(cfg)
+        if source is None:
+            raise UserError(f"{cfg.data.train} has no val split and the run set no data.val. Fix: pass "
+                            "--data DIR of a prepared directory to evaluate on")
+        loader = TokenLoader(*source, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
                              shuffle=False, verify=True)
+        seq_len = loader.info.seq_len
+        limit = loader.num_samples if max_tokens is None else min(loader.num_samples, max_tokens // seq_len)
+        if limit < 1:
+            raise UserError(f"--max-tokens {max_tokens} is less than one sample of {seq_len} tokens. "
+                            f"Fix: give --max-tokens {seq_len} or more")
         totals: dict = {}
-        tokens_seen, limit = 0, max_tokens or loader.num_samples * cfg.data.seq_len
-        for batch in loader:
-            tokens = batch["tokens"].to(world.device)
-            accumulate(totals, batch_metric_sums(cfg.model.kind, loaded.model, loaded.autoencoder, tokens,
-                                                 batch["sample_ids"], seed, cfg.model.patch_size))
-            tokens_seen += tokens.numel()
-            if tokens_seen >= limit:
+        samples = 0
+        for batch in loader.one_pass():
+            tokens, ids = batch["tokens"][:limit - samples].to(world.device), batch["sample_ids"][:limit - samples]
+            accumulate(totals, batch_metric_sums(cfg.model.kind, loaded.model, loaded.autoencoder, tokens, ids,
+                                                 seed, cfg.model.patch_size))
+            samples += len(ids)
+            if samples == limit:
                 break
-        return {"checkpoint": str(loaded.checkpoint), "kind": cfg.model.kind, "tokens": tokens_seen,
-                **finish(totals)}
+        loader.close()
+        return {"checkpoint": str(loaded.checkpoint), "kind": cfg.model.kind, "samples": samples,
+                "tokens": samples * seq_len, **finish(totals)}
 
 
 def generate_text(spec: str, prompt: str, temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0) -> str:
@@ -95,6 +105,9 @@ def generate_text(spec: str, prompt: str, temperature: float = 1.0, max_new_toke
             raise UserError(f"{loaded.checkpoint} is an autoencoder: it reconstructs chunks, it does not continue "
                             "text. Fix: generate with a CALM or AR checkpoint")
         from calm_train.models.generate import generate_ar, generate_calm
+        if kind == "ar" and not ids:
+            raise UserError(f"--prompt {prompt!r} has no tokens, and the AR model {loaded.checkpoint} continues "
+                            "at least one. Fix: give a non-empty --prompt")
         if kind == "calm":
             out = generate_calm(loaded.model, loaded.autoencoder, ids, max_new_tokens, temperature, seed,
                                 pad_id=loaded.tokenizer.pad_id)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from calm_train.config import Config, data_parallel_size, to_dict, to_yaml, validate, validate_layout
+from calm_train.data.loader import require_one_batch
 from calm_train.errors import UserError, user_errors
 from calm_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from calm_train.train.flops import MFU, measure_peak_flops, spec_peak_flops, train_flops_per_token
@@ -92,6 +93,7 @@ class Run:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         validate_layout(cfg, self.world_size)
         self.dp = data_parallel_size(cfg, self.world_size)
+        require_one_batch(cfg.data.train, "train", cfg.train.global_batch, self.dp)
         self.log = Logbook(self.run_dir, cfg, enabled=self.rank == 0, total_steps=cfg.train.steps)
         self.checkpoints = CheckpointManager(self.run_dir, self.rank, dist.barrier, cfg.train.keep_last,
                                              cfg.train.keep_every, log=self.log.event)
@@ -138,6 +140,7 @@ class Run:
     def build(self) -> None:
         from calm_train.data.loader import TokenLoader
         from calm_train.parallel.engine import TrainEngine, build_world
+        from calm_train.train.evaluate import validation_source
         from calm_train.train.tasks import task_for
         self.world = build_world(self.cfg)
         autoencoder = None
@@ -155,6 +158,10 @@ class Run:
         self.loader = TokenLoader(self.cfg.data.train, "train", batch_size=self.per_rank_batch,
                                   dp_rank=self.world.dp_rank, dp_size=self.dp, seed=self.cfg.train.seed,
                                   num_workers=self.cfg.data.num_workers, verify=False)
+        self.validation = validation_source(self.cfg)
+        if self.validation is None:
+            self.log.event(f"no validation split in {self.cfg.data.train} and data.val is unset: evaluations are "
+                           "skipped (prepare with --val-fraction > 0, or set data.val=DIR)")
         device, dtype = self.world.device, self.engine_dtype()
         measured = float(broadcast_object(measure_peak_flops(device, dtype)))
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -227,6 +234,8 @@ class Run:
     # ------------------------------------------------------------------------------------------
     def evaluate(self, step: int) -> None:
         from calm_train.train.evaluate import evaluate_run
+        if self.validation is None:
+            return
         row = evaluate_run(self, step)
         self.log.evaluation({"step": step, **row})
 
