@@ -116,6 +116,8 @@ class TrainConfig:
     keep_every: int = 0               # ... plus every keep_every-th step (0: none)
     max_wallclock: float = 0.0        # seconds per launch (job); then save and exit 75 (0: off)
     max_bad_steps: int = 5            # consecutive non-finite steps before the run stops
+    resume_from: str | None = None    # None/"": newest intact checkpoint | scratch | a checkpoint PATH
+    lock_timeout: float = 600.0       # seconds without a heartbeat after which RUN_DIR/.lock counts as stale
     peak_flops: float = 0.0           # per-device peak FLOP/s for MFU; 0: measured at start
 
 
@@ -382,6 +384,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.keep_last >= 1, "train.keep_last", "must keep at least the newest checkpoint", "use 1 or more")
     _check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1", "evaluate at least one batch")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", "allow a few skipped steps, e.g. 5")
+    _check(t.lock_timeout > 0, "train.lock_timeout", f"{t.lock_timeout} must be > 0",
+           "use 600 (seconds without a heartbeat before another launch may take over the run directory)")
     _check(cfg.logging.wandb in ("off", "offline", "online"), "logging.wandb",
            f"'{cfg.logging.wandb}' is unknown", "use off, offline or online")
 

@@ -25,16 +25,15 @@ class AutoencoderRef:
     arch: AutoencoderArch
     vocab_size: int
     patch_size: int
-    sha256: str
+    sha256: str                   # of the weights file
     layout: str                   # native | hf
-
-    def describe(self) -> dict:
-        return {"path": str(self.path), "sha256": self.sha256, "layout": self.layout}
+    tokenizer_sha256: str | None  # the tokenizer it was trained with (its dataset.json); None: not recorded
 
 
 def find_autoencoder(spec: str) -> AutoencoderRef:
     from calm_train.convert.native import resolve_checkpoint
     from calm_train.files import sha256_file
+    from calm_train.train.identity import recorded_tokenizer
     path = pathlib.Path(spec)
     if not path.exists():
         raise UserError(f"config key 'model.autoencoder': {path} does not exist. Fix: train one with "
@@ -42,7 +41,8 @@ def find_autoencoder(spec: str) -> AutoencoderRef:
     if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         from calm_train.convert.reference import read_reference_autoencoder_config
         arch, vocab, k, weights = read_reference_autoencoder_config(path)
-        return AutoencoderRef(path, weights, arch, vocab, k, sha256_file(weights), "hf")
+        tokenizer = recorded_tokenizer(path / "tokenizer") or recorded_tokenizer(path)
+        return AutoencoderRef(path, weights, arch, vocab, k, sha256_file(weights), "hf", tokenizer)
     ckpt = resolve_checkpoint(path)
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     if saved["model"]["kind"] != "autoencoder":
@@ -51,7 +51,7 @@ def find_autoencoder(spec: str) -> AutoencoderRef:
     arch = AutoencoderArch(**saved["model"]["ae"])
     weights = ckpt / "model.safetensors"
     return AutoencoderRef(ckpt, weights, arch, saved["model"]["vocab_size"], saved["model"]["patch_size"],
-                          sha256_file(weights), "native")
+                          sha256_file(weights), "native", recorded_tokenizer(ckpt / "tokenizer"))
 
 
 def check_autoencoder(cfg: Config) -> AutoencoderRef:

@@ -1,13 +1,15 @@
 """`calm-train train`: one run of the autoencoder, CALM or AR trainer, in any parallel layout.
 
-Order: validate and check inputs (data, frozen autoencoder, run directory) -> process groups ->
-engine -> resume from the newest complete checkpoint -> steps (log, evaluate, save, obey signals)
--> final save and evaluation. Exit 0 when done, 75 after a signal- or wall-clock-triggered save.
+Order: validate and check inputs (data, frozen autoencoder) -> process groups -> take RUN_DIR/.lock
+(train/lock.py) -> verify shards, choose the checkpoint to resume from (train/rundir.py), compare the
+run's identity (train/identity.py), write config.yaml and, at the first start, tokenizer/ -> engine ->
+resume -> steps (log, evaluate, save, obey signals) -> final save and evaluation.  Exit 0 when done,
+75 after a signal- or wall-clock-triggered save, 130 after a second SIGINT; the lock is released on
+every exit path.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -18,14 +20,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from calm_train.config import Config, data_parallel_size, to_dict, to_yaml, validate, validate_layout
+from calm_train.config import Config, data_parallel_size, to_yaml, validate, validate_layout
 from calm_train.errors import UserError, user_errors
-from calm_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from calm_train.train import identity
+from calm_train.train.checkpoint import CheckpointManager, load_rng_state, rng_file, save_rng_state
 from calm_train.train.flops import measure_peak_flops, train_flops_per_token
+from calm_train.train.lock import RunLock
 from calm_train.train.logbook import Logbook
 from calm_train.train.signals import StopRequest
 
-EXIT_DONE, EXIT_REQUEUE = 0, 75
+EXIT_DONE, EXIT_REQUEUE, EXIT_ABORTED = 0, 75, 130
 
 
 @dataclasses.dataclass
@@ -38,11 +42,6 @@ class Progress:
     bad_in_a_row: int = 0
     elapsed_s: float = 0.0
     loader: dict | None = None
-
-
-def config_hash(cfg: Config) -> str:
-    """Hash of what must not change across a resume (the model); layouts and schedules may."""
-    return hashlib.sha256(json.dumps(to_dict(cfg.model), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_data(cfg: Config):
@@ -82,40 +81,47 @@ class Run:
         self.dp = data_parallel_size(cfg, self.world_size)
         self.log = Logbook(self.run_dir, cfg, enabled=self.rank == 0, total_steps=cfg.train.steps)
         self.checkpoints = CheckpointManager(self.run_dir, self.rank, dist.barrier, cfg.train.keep_last,
-                                             cfg.train.keep_every, log=self.log.event)
+                                             cfg.train.keep_every, log=self.log.event,
+                                             agree=lambda ok: not any_rank(not ok))
+        self.lock = RunLock(self.run_dir, cfg.train.lock_timeout, log=self.log.event)
+        self.identity = identity.run_identity(cfg, self.info.tokenizer_sha256, self.autoencoder_ref)
+        self.resume_from: str | None = None      # the train.resume_from choice this run descends from
 
     # ------------------------------------------------------------------------------------------
     def preflight(self) -> pathlib.Path | None:
-        """Verify the shards (rank 0, result shared), write config.yaml and the tokenizer, find the resume point."""
-        from calm_train.data.verify import verify_dataset
+        """Rank 0 takes the lock, verifies the shards and the inputs' identity, chooses the checkpoint to resume
+        from, and writes config.yaml and (at the first start) tokenizer/; any error stops every rank."""
+        latest = None
         error = ""
         if self.rank == 0:
             try:
-                verify_dataset(self.cfg.data.train)
-                if self.cfg.data.val:
-                    verify_dataset(self.cfg.data.val)
+                latest = self._preflight_rank0()
             except user_errors() as err:
                 error = str(err)
-        error = broadcast_object(error)
+        error, latest, self.resume_from = broadcast_object((error, latest, self.resume_from))
         if error:
             raise UserError(error)
+        return latest
+
+    def _preflight_rank0(self) -> pathlib.Path | None:
+        from calm_train.data.verify import verify_dataset
+        from calm_train.train.rundir import choose_start, read_state, write_run_files
+        cfg, tokenizer = self.cfg, self.info.tokenizer_sha256
+        self.lock.acquire()
+        verify_dataset(cfg.data.train)
+        if cfg.data.val:
+            verify_dataset(cfg.data.val)
+        identity.check_val_tokenizer(cfg, tokenizer)
+        if self.autoencoder_ref is not None:
+            identity.check_autoencoder_tokenizer(self.autoencoder_ref, cfg, tokenizer, self.log.event)
+        self.checkpoints.finish_pruning()
         # the resume point is hash-verified once (rank 0) and shared, so a damaged file is never loaded
-        latest = broadcast_object(self.checkpoints.latest(hashes=True) if self.rank == 0 else None)
+        latest, self.resume_from = choose_start(self.checkpoints, cfg.train.resume_from or "", self.log.event)
         if latest is not None:
-            saved = json.loads((latest / "state.json").read_text())
-            if saved["config_hash"] != config_hash(self.cfg):
-                raise UserError(f"{latest} was trained with another model config than {self.run_dir}/config.yaml "
-                                "now asks for. Fix: use a new run_dir, or restore the model keys of the saved "
-                                f"{latest}/config.yaml")
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-            tokenizer_dir = self.run_dir / "tokenizer"
-            tokenizer_dir.mkdir(exist_ok=True)
-            for name in self.info.tokenizer_files:
-                shutil.copy2(pathlib.Path(self.cfg.data.train) / name, tokenizer_dir / name)
-            shutil.copy2(pathlib.Path(self.cfg.data.train) / "dataset.json", tokenizer_dir / "dataset.json")
-        dist.barrier()
+            saved = identity.saved_identity(latest, read_state(latest), self.log.event)
+            identity.check_resume(saved, self.identity, latest, cfg)
+        identity.check_run_tokenizer(self.run_dir, cfg, tokenizer)
+        write_run_files(self.run_dir, to_yaml(cfg), cfg.data.train, self.info.tokenizer_files)
         return latest
 
     def build(self) -> None:
@@ -153,18 +159,21 @@ class Run:
                            f"tp={self.cfg.parallel.tp} pp={self.cfg.parallel.pp} dp={self.dp} "
                            f"zero={self.cfg.parallel.zero_stage}")
             return Progress()
-        from calm_train.train.reshard import layout_of, reshard
-        saved = json.loads((latest / "state.json").read_text())
+        from calm_train.convert.native import read_json
+        from calm_train.train.reshard import layout_of, restore
+        saved = read_json(latest / "state.json")
         progress = Progress(**saved["progress"])
         layout = layout_of(self.cfg, self.world_size)
-        if saved.get("layout", layout) == layout:
-            self.engine.load_checkpoint(latest / "engine", "state")
-            rng_file = latest / "rng" / f"rank_{self.rank:05d}.pt"
-            if rng_file.is_file():
-                set_rng_state(torch.load(rng_file, weights_only=False))
-            message = f"resumed from {latest} at step {progress.step}"
-        else:
-            message = reshard(self.engine, latest, saved, layout, self.cfg, progress)
+        rng, error = None, None
+        path = rng_file(latest, self.rank)
+        if saved.get("layout") == layout and path.is_file():
+            try:
+                rng = load_rng_state(path)
+            except user_errors() as err:
+                error = err
+        if any_rank(error is not None):                 # every rank stops, not only the one that cannot read
+            raise error or UserError(f"another rank could not read its RNG states in {latest}/rng (see its error)")
+        message = restore(self.engine, latest, saved, layout, self.cfg, progress, rng)
         if progress.loader is not None:
             self.loader.load_state_dict(progress.loader)
         self.log.event(message)
@@ -172,17 +181,15 @@ class Run:
 
     def save(self, progress: Progress) -> None:
         progress.loader = self.loader.state_dict()
-        from calm_train.train.reshard import layout_of, optimizer_export, write_optimizer
-        state = {"progress": dataclasses.asdict(progress), "config_hash": config_hash(self.cfg),
-                 "autoencoder": self.autoencoder_ref.describe() if self.autoencoder_ref else None,
+        from calm_train.train.reshard import engine_counters, layout_of, optimizer_export, write_optimizer
+        state = {"progress": dataclasses.asdict(progress), "engine": engine_counters(self.engine),
+                 "identity": self.identity, "resume_from": self.resume_from,
                  "layout": layout_of(self.cfg, self.world_size)}
         export = self.engine.state_for_export()
         moments, moments_metadata = optimizer_export(self.engine)
 
         def write(directory: pathlib.Path) -> None:
-            self.engine.save_checkpoint(directory / "engine", "state", {"step": progress.step})
-            (directory / "rng").mkdir(exist_ok=True)
-            torch.save(rng_state(), directory / "rng" / f"rank_{self.rank:05d}.pt")
+            save_rng_state(rng_file(directory, self.rank))
             if self.rank == 0:
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in export.items()}, str(directory / "model.safetensors"))
@@ -206,16 +213,16 @@ class Run:
     def train(self) -> int:
         cfg, t = self.cfg, self.cfg.train
         launched = time.monotonic()      # train.max_wallclock limits this launch (a job), not the whole run
-        latest = self.preflight()
-        self.build()
-        progress = self.resume(latest)
-        self.log.resume_at(progress.step)
-        resumed_at = progress.step
-        stop = StopRequest().install()
-        tokens_per_step = t.global_batch * cfg.data.seq_len
-        started = time.monotonic() - progress.elapsed_s
-        batches = iter(self.loader)
+        stop = StopRequest().install()   # a signal from here on is obeyed after the next step
         try:
+            latest = self.preflight()
+            self.build()
+            progress = self.resume(latest)
+            self.log.resume_at(progress.step)
+            resumed_at = progress.step
+            tokens_per_step = t.global_batch * cfg.data.seq_len
+            started = time.monotonic() - progress.elapsed_s
+            batches = iter(self.loader)
             while progress.step < t.steps:
                 step_start = time.monotonic()
                 batch = next(batches)
@@ -264,8 +271,13 @@ class Run:
             self.evaluate(progress.step)
             self.log.event(f"done: {progress.step} steps, {progress.tokens} tokens in {progress.elapsed_s:.1f}s")
             return EXIT_DONE
+        except KeyboardInterrupt:
+            self.log.event(f"second SIGINT: aborted without saving a checkpoint; exit {EXIT_ABORTED} (a relaunch "
+                           "resumes from the newest checkpoint)")
+            return EXIT_ABORTED
         finally:
             stop.uninstall()
+            self.lock.release()
             self.log.close()
 
 
