@@ -153,11 +153,16 @@ class CheckpointManager:
 
     def _collectively(self, part, step: int, partial: pathlib.Path) -> None:
         """Run this rank's `part` of a save; when the file system refuses it on any rank, every rank raises."""
+        from safetensors import SafetensorError
         error = None
         try:
             if part is not None:
                 part()
         except OSError as err:
+            error = err
+        except SafetensorError as err:           # safetensors reports the file system's refusal this way
+            if "I/O error" not in str(err):
+                raise
             error = err
         if self.agree(error is None):
             return
@@ -166,9 +171,13 @@ class CheckpointManager:
         previous = self.latest()
         kept = (f"the previous checkpoint {previous} and {self.root / LATEST} are intact" if previous else
                 "no earlier checkpoint exists (a relaunch starts at step 0)")
-        cause = "another rank could not write its part" if error is None else (
-            f"{error.strerror or error} [{errno.errorcode.get(error.errno, type(error).__name__)}]"
-            f"{' at ' + str(error.filename) if error.filename else ''}")
+        if error is None:
+            cause = "another rank could not write its part"
+        elif isinstance(error, OSError):
+            cause = (f"{error.strerror or error} [{errno.errorcode.get(error.errno, type(error).__name__)}]"
+                     f"{' at ' + str(error.filename) if error.filename else ''}")
+        else:
+            cause = str(error)
         raise CheckpointWriteError(
             f"could not save {step_name(step)} in {self.root}: {cause}; {kept}, the partial save was removed. Fix: "
             "free space (or make the file system writable), then relaunch the same command to resume")

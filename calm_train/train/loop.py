@@ -259,10 +259,13 @@ class Run:
                     self.evaluate(progress.step)
                 out_of_time = bool(t.max_wallclock) and time.monotonic() - launched >= t.max_wallclock
                 asked = any_rank(stop.requested or out_of_time)
+                reason = stop.signal_name or "train.max_wallclock"
+                if asked:
+                    self.log.event(f"{reason}: saving a checkpoint at step {progress.step}, then exit {EXIT_REQUEUE} "
+                                   "(a second SIGINT aborts without it)")
                 if asked or (t.save_every and progress.step % t.save_every == 0 and progress.step < t.steps):
                     self.save(progress)
                 if asked:
-                    reason = stop.signal_name or "train.max_wallclock"
                     self.log.event(f"{reason}: checkpoint saved at step {progress.step}; exit {EXIT_REQUEUE} "
                                    "(relaunch the same command to resume)")
                     return EXIT_REQUEUE
