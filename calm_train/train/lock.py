@@ -22,22 +22,13 @@ import time
 import uuid
 
 from calm_train.errors import UserError
+from calm_train.files import pid_alive
 
 LOCK_NAME = ".lock"
 
 
 class RunDirBusy(UserError):
     """Another live launch holds the run directory."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True                              # exists, owned by someone else
-    return True
 
 
 def describe_holder(holder: dict) -> str:
@@ -75,7 +66,7 @@ class RunLock:
         """Why the lock of `holder` (its file's mtime `mtime`) may be taken over; None: it is live."""
         age = time.time() - mtime
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-                and not _pid_alive(holder["pid"]):
+                and not pid_alive(holder["pid"]):
             return f"its process {holder['pid']} on this host is gone"
         job = os.environ.get("SLURM_JOB_ID")
         if job and holder.get("job_id") == job:

@@ -105,7 +105,7 @@ class Run:
 
     def _preflight_rank0(self) -> pathlib.Path | None:
         from calm_train.data.verify import verify_dataset
-        from calm_train.train.rundir import choose_start, read_state, write_run_files
+        from calm_train.train.rundir import choose_start, move_aside, read_state, write_run_files
         cfg, tokenizer = self.cfg, self.info.tokenizer_sha256
         self.lock.acquire()
         verify_dataset(cfg.data.train)
@@ -116,13 +116,17 @@ class Run:
             identity.check_autoencoder_tokenizer(self.autoencoder_ref, cfg, tokenizer, self.log.event)
         self.checkpoints.finish_pruning()
         # the resume point is hash-verified once (rank 0) and shared, so a damaged file is never loaded
-        latest, self.resume_from = choose_start(self.checkpoints, cfg.train.resume_from or "", self.log.event)
-        if latest is not None:
-            saved = identity.saved_identity(latest, read_state(latest), self.log.event)
-            identity.check_resume(saved, self.identity, latest, cfg)
-        identity.check_run_tokenizer(self.run_dir, cfg, tokenizer)
+        start = choose_start(self.checkpoints, cfg.train.resume_from or "", self.log.event)
+        if start.checkpoint is not None:
+            saved = identity.saved_identity(start.checkpoint, read_state(start.checkpoint), self.log.event)
+            identity.check_resume(saved, self.identity, start.checkpoint, cfg)
+        if self.run_dir / "tokenizer" not in start.move_aside:
+            identity.check_run_tokenizer(self.run_dir, cfg, tokenizer)
+        for path in start.move_aside:
+            move_aside(path, self.log.event)
         write_run_files(self.run_dir, to_yaml(cfg), cfg.data.train, self.info.tokenizer_files)
-        return latest
+        self.resume_from = start.resume_from
+        return start.checkpoint
 
     def build(self) -> None:
         from calm_train.data.loader import TokenLoader

@@ -10,9 +10,12 @@
               moved aside.
 The choice is recorded in state.json ("resume_from") of every checkpoint that descends from it, so a
 relaunch of the same command (a requeued job) continues the run instead of applying it again.
+`choose_start` decides without changing anything; what it moves aside is moved only once every other
+check of the launch (identity, tokenizer) has passed.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import pathlib
@@ -34,7 +37,11 @@ def utc_stamp() -> str:
 
 
 def move_aside(path: pathlib.Path, log) -> pathlib.Path:
-    aside = path.with_name(f"{path.name}.before-restart-{utc_stamp()}")
+    """Rename `path` to NAME.before-restart-<UTC> (with a counter if that exists: nothing is overwritten)."""
+    stamp = utc_stamp()
+    aside, n = path.with_name(f"{path.name}.before-restart-{stamp}"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.before-restart-{stamp}-{n}"), n + 1
     os.replace(path, aside)
     log(f"moved {path} aside to {aside}")
     return aside
@@ -61,36 +68,37 @@ def _damaged_run(root: pathlib.Path, damaged: list[CheckpointError]) -> DamagedR
         "aside, not deleted); or resume from a checkpoint you name with train.resume_from=PATH")
 
 
-def _move_later_aside(root: pathlib.Path, step: int, keep: pathlib.Path | None, log) -> None:
-    for path in step_dirs(root):
-        if step_of(path) > step and path != keep:
-            move_aside(path, log)
+@dataclasses.dataclass
+class Start:
+    checkpoint: pathlib.Path | None        # None: step 0
+    resume_from: str | None                # the train.resume_from choice this run descends from (state.json)
+    move_aside: list[pathlib.Path]         # moved aside once every check of the launch has passed
 
 
-def choose_start(manager, resume_from: str, log) -> tuple[pathlib.Path | None, str | None]:
-    """(checkpoint to resume from or None for step 0, the resume_from choice this run descends from)."""
+def _later(root: pathlib.Path, step: int, keep: pathlib.Path | None) -> list[pathlib.Path]:
+    return [path for path in step_dirs(root) if step_of(path) > step and path != keep]
+
+
+def choose_start(manager, resume_from: str, log) -> Start:
+    """Where this launch starts; it changes nothing in RUN_DIR (see Start.move_aside)."""
     root, run_dir = manager.root, manager.root.parent
     intact, damaged = manager.newest_intact()
     latest = root / LATEST
     if intact is None and not damaged and latest.is_file():
         damaged = [CheckpointError(f"{latest} names {latest.read_text().strip()}, which does not exist")]
     descends_from = read_state(intact).get("resume_from") if intact else None
+    continued = Start(intact, descends_from, _later(root, step_of(intact), intact) if intact else [])
     if resume_from == "":
         if intact is None and damaged:
             raise _damaged_run(root, damaged)
-        if intact is not None:
-            _move_later_aside(root, step_of(intact), intact, log)
-        return intact, descends_from
+        return continued
     if resume_from == SCRATCH:
         if intact is not None and descends_from == SCRATCH:
             log(f"train.resume_from=scratch: {intact} descends from that restart (an earlier launch of this command); "
                 "resuming from it. To restart again, use a new run_dir")
-            _move_later_aside(root, step_of(intact), intact, log)
-            return intact, SCRATCH
-        for name in ("checkpoints", "metrics.jsonl", "eval.jsonl", "tokenizer"):
-            if (run_dir / name).exists():
-                move_aside(run_dir / name, log)
-        return None, SCRATCH
+            return continued
+        names = ("checkpoints", "metrics.jsonl", "eval.jsonl", "tokenizer")
+        return Start(None, SCRATCH, [run_dir / name for name in names if (run_dir / name).exists()])
     ckpt = resolve_checkpoint(resume_from)
     step = verify_checkpoint(ckpt, hashes=True)["step"]
     read_state(ckpt)
@@ -98,10 +106,8 @@ def choose_start(manager, resume_from: str, log) -> tuple[pathlib.Path | None, s
     if intact is not None and intact.resolve() != ckpt.resolve() and descends_from == key:
         log(f"train.resume_from={resume_from}: {intact} descends from it (an earlier launch of this command); "
             "resuming from it")
-        _move_later_aside(root, step_of(intact), intact, log)
-        return intact, key
-    _move_later_aside(root, step, ckpt, log)
-    return ckpt, key
+        return continued
+    return Start(ckpt, key, _later(root, step, ckpt))
 
 
 def write_run_files(run_dir: pathlib.Path, config_yaml: str, data_dir, tokenizer_files: list[str]) -> None:
