@@ -155,8 +155,9 @@ def evaluate_run(run, step: int) -> dict[str, float]:
     return finish(all_reduce_totals(totals, run.world.device))
 
 
-def validation_source(cfg) -> tuple[str, str]:
-    """data.val (its val split if any, else its train split), or the val split of data.train."""
+def validation_source(cfg) -> tuple:
+    """data.val (its val split if any, else its train split), or the val split of data.train (a mixture:
+    the same weighted mixture of its datasets' val splits)."""
     from calm_train.data.dataset_info import read_dataset_info
     if cfg.data.val:
         splits = read_dataset_info(cfg.data.val).splits

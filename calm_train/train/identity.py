@@ -18,9 +18,11 @@ import yaml
 
 from calm_train.config import Config, ModelConfig, config_from_tree, to_dict
 from calm_train.errors import UserError
+from calm_train.train.warm_start import RECORD_FIELDS, init_from_record
 
-# model keys that may change across a resume: where inputs live, and how attention is computed
-NOT_IDENTITY = ("autoencoder", "init_from", "attention")
+# model keys that may change across a resume: where inputs live (the warm-start record included), and how
+# attention is computed
+NOT_IDENTITY = ("autoencoder", "attention", *RECORD_FIELDS)
 
 
 class IdentityError(UserError):
@@ -50,7 +52,7 @@ def autoencoder_identity(ref) -> dict | None:
 
 def run_identity(cfg: Config, tokenizer_sha256: str, autoencoder_ref=None) -> dict:
     return {"model": model_hash(cfg.model), "tokenizer_sha256": tokenizer_sha256,
-            "autoencoder": autoencoder_identity(autoencoder_ref), "init_from": None}
+            "autoencoder": autoencoder_identity(autoencoder_ref), "init_from": init_from_record(cfg)}
 
 
 def saved_identity(ckpt: pathlib.Path, state: dict, log) -> dict:
@@ -67,7 +69,7 @@ def saved_identity(ckpt: pathlib.Path, state: dict, log) -> dict:
             if old_ae else None, "init_from": None}
 
 
-def check_resume(saved: dict, ours: dict, ckpt: pathlib.Path, cfg: Config) -> None:
+def check_resume(saved: dict, ours: dict, ckpt: pathlib.Path, cfg: Config, data_dir: pathlib.Path) -> None:
     """The relaunch must continue the same model on the same tokenizer against the same autoencoder."""
     state = ckpt / "state.json"
     if saved["model"] != ours["model"]:
@@ -78,9 +80,9 @@ def check_resume(saved: dict, ours: dict, ckpt: pathlib.Path, cfg: Config) -> No
     if saved["tokenizer_sha256"] not in (None, ours["tokenizer_sha256"]):
         raise IdentityError(
             f"{ckpt} was trained on data with tokenizer sha256 {saved['tokenizer_sha256']} ({state}) but "
-            f"data.train={cfg.data.train} has tokenizer sha256 {ours['tokenizer_sha256']} "
-            f"({cfg.data.train}/dataset.json): the same ids would mean other text. Fix: point data.train at data "
-            f"prepared with the run's tokenizer ({cfg.run_dir}/tokenizer), or use a new run_dir")
+            f"data.train has tokenizer sha256 {ours['tokenizer_sha256']} ({data_dir}/dataset.json): the same ids "
+            f"would mean other text. Fix: point data.train at data prepared with the run's tokenizer "
+            f"({cfg.run_dir}/tokenizer), or use a new run_dir")
     before, now = saved.get("autoencoder"), ours.get("autoencoder")
     if before and now and before["weights_sha256"] != now["weights_sha256"]:
         raise IdentityError(
@@ -90,29 +92,29 @@ def check_resume(saved: dict, ours: dict, ckpt: pathlib.Path, cfg: Config) -> No
             "model.autoencoder at the autoencoder this run was trained with, or use a new run_dir")
 
 
-def check_val_tokenizer(cfg: Config, tokenizer_sha256: str) -> None:
-    """data.val must share data.train's tokenizer (`tokenizer_sha256`, from its dataset.json)."""
+def check_val_tokenizer(cfg: Config, data_dir: pathlib.Path, tokenizer_sha256: str) -> None:
+    """data.val must share data.train's tokenizer (`tokenizer_sha256`, from `data_dir`/dataset.json)."""
     if cfg.data.val:
         val = recorded_tokenizer(cfg.data.val)
         if val not in (None, tokenizer_sha256):
             raise IdentityError(
-                f"data.val={cfg.data.val} has tokenizer sha256 {val} ({cfg.data.val}/dataset.json) but data.train="
-                f"{cfg.data.train} has {tokenizer_sha256} ({cfg.data.train}/dataset.json). Fix: prepare the "
-                "validation data with the training data's tokenizer")
+                f"data.val={cfg.data.val} has tokenizer sha256 {val} ({cfg.data.val}/dataset.json) but data.train "
+                f"has {tokenizer_sha256} ({data_dir}/dataset.json). Fix: prepare the validation data with the "
+                "training data's tokenizer")
 
 
-def check_run_tokenizer(run_dir: pathlib.Path, cfg: Config, tokenizer_sha256: str) -> None:
+def check_run_tokenizer(run_dir: pathlib.Path, data_dir: pathlib.Path, tokenizer_sha256: str) -> None:
     """RUN_DIR/tokenizer/ is written once, at the first start: later launches must bring data of that tokenizer."""
     theirs = recorded_tokenizer(run_dir / "tokenizer")
     if theirs is not None and theirs != tokenizer_sha256:
         raise IdentityError(
             f"{run_dir}/tokenizer/dataset.json records tokenizer sha256 {theirs} (this run's, written at its first "
-            f"start) but data.train={cfg.data.train} has {tokenizer_sha256} ({cfg.data.train}/dataset.json). Fix: "
+            f"start) but data.train has {tokenizer_sha256} ({data_dir}/dataset.json). Fix: "
             f"point data.train at data prepared with {run_dir}/tokenizer, use a new run_dir, or restart with "
             "train.resume_from=scratch (the old run is moved aside)")
 
 
-def check_autoencoder_tokenizer(ref, cfg: Config, tokenizer_sha256: str, log) -> None:
+def check_autoencoder_tokenizer(ref, data_dir: pathlib.Path, tokenizer_sha256: str, log) -> None:
     """A CALM run's frozen autoencoder must have been trained with the data's tokenizer."""
     if ref.tokenizer_sha256 is None:
         log(f"warning: the autoencoder {ref.path} records no tokenizer (no dataset.json): could not check that it "
@@ -120,8 +122,8 @@ def check_autoencoder_tokenizer(ref, cfg: Config, tokenizer_sha256: str, log) ->
     elif ref.tokenizer_sha256 != tokenizer_sha256:
         raise IdentityError(
             f"the autoencoder {ref.path} was trained with tokenizer sha256 {ref.tokenizer_sha256} "
-            f"({ref.path}/tokenizer/dataset.json) but data.train={cfg.data.train} has {tokenizer_sha256} "
-            f"({cfg.data.train}/dataset.json): its latents would encode other text. Fix: use an autoencoder "
+            f"({ref.path}/tokenizer/dataset.json) but data.train has {tokenizer_sha256} ({data_dir}/dataset.json): "
+            "its latents would encode other text. Fix: use an autoencoder "
             "trained on data of this tokenizer, or prepare the data with the autoencoder's tokenizer "
             f"({ref.path}/tokenizer)")
 

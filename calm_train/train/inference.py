@@ -1,16 +1,19 @@
 """`calm-train eval` and `calm-train generate`: one process, any checkpoint form, no training state.
 
 A checkpoint is self-contained: config.yaml, tokenizer/, model.safetensors (the full model whatever
-layout trained it) and, for CALM, autoencoder.safetensors + autoencoder.yaml (the frozen AE).
+layout trained it) and, for CALM, autoencoder.safetensors + autoencoder.yaml (the frozen AE).  An
+exported or foreign directory (Hugging Face Llama, the reference CALM layout) is read through
+convert/sources.py in memory; nothing is written.
 """
 from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 
 import torch
 
-from calm_train.config import Config, config_from_tree
+from calm_train.config import Config
 from calm_train.errors import UserError
 
 
@@ -24,32 +27,27 @@ class Loaded:
 
 
 def load_for_inference(spec: str, device) -> Loaded:
-    """Inside runtime.single_process(): resolve, verify and load a checkpoint for evaluation or generation."""
-    from calm_train.convert.native import (CheckpointError, load_autoencoder_file, load_safetensors, read_yaml,
-                                           resolve_checkpoint, verify_checkpoint)
-    from calm_train.data.tokenizer import load_dataset_tokenizer
-    ckpt = resolve_checkpoint(spec)
-    verify_checkpoint(ckpt)
-    tree = read_yaml(ckpt / "config.yaml")
-    if not isinstance(tree, dict):
-        raise CheckpointError(f"{ckpt}/config.yaml holds no config mapping. Fix: restore the file from a copy")
-    cfg = config_from_tree(tree)
-    try:
-        tokenizer = load_dataset_tokenizer(ckpt / "tokenizer")
-    except (ValueError, OSError, KeyError) as err:      # what the tokenizer libraries raise on foreign bytes
-        raise CheckpointError(f"{ckpt}/tokenizer holds no readable tokenizer ({type(err).__name__}: "
-                              f"{str(err)[:200]}). Fix: restore the files from a copy") from err
+    """Inside runtime.single_process(): resolve, verify and load a checkpoint (or read an exported directory)
+    for evaluation or generation."""
+    from calm_train.convert.sources import open_source
     from calm_train.train.tasks import task_for
-    autoencoder = load_autoencoder_file(ckpt, device) if cfg.model.kind == "calm" else None
+    source = open_source(spec)
+    cfg = source.config
+    tokenizer = source.tokenizer()
+    if tokenizer is None:
+        raise UserError(f"{source.path} holds no tokenizer.json or tokenizer.model. Fix: put the model's tokenizer "
+                        "files beside its config.json")
+    state, autoencoder = source.read()
+    if autoencoder is not None:
+        autoencoder = autoencoder.to(device)
     model = task_for(cfg, autoencoder).build_model(cfg)
-    state = load_safetensors(ckpt / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise UserError(f"{ckpt}/model.safetensors does not fit the model in {ckpt}/config.yaml (missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}). Fix: use the config it was saved with")
+        raise UserError(f"{source.weights} does not fit the model of {source.path} (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}). Fix: use the config it was saved with")
     model = model.to(device).eval()
-    return Loaded(cfg, model, autoencoder, tokenizer, ckpt)
+    return Loaded(cfg, model, autoencoder, tokenizer, source.path)
 
 
 def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | None = None, seed: int = 0) -> dict:
@@ -62,6 +60,9 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         cfg = loaded.cfg
         if data:
             cfg.data.val = data
+        elif not cfg.data.train:
+            raise UserError(f"{loaded.checkpoint} names no data (an exported or converted model). Fix: pass --data DIR "
+                            "(a `calm-train prepare` output with the model's tokenizer)")
         data_dir, split = validation_source(cfg)
         check_eval_data(loaded.checkpoint, data_dir)
         loader = TokenLoader(data_dir, split, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
@@ -87,6 +88,11 @@ def generate_text(spec: str, prompt: str, temperature: float = 1.0, max_new_toke
         loaded = load_for_inference(spec, world.device)
         ids = loaded.tokenizer.encode(prompt)
         kind = loaded.cfg.model.kind
+        context = loaded.cfg.data.seq_len
+        if context and len(ids) + max_new_tokens > context:
+            print(f"calm-train generate: warning: the prompt's {len(ids)} tokens + --max-new-tokens {max_new_tokens} "
+                  f"exceed the {context} tokens the model was trained on (data.seq_len); positions beyond them were "
+                  "never trained and the text usually degrades there", file=sys.stderr)
         if kind == "autoencoder":
             raise UserError(f"{loaded.checkpoint} is an autoencoder: it reconstructs chunks, it does not continue "
                             "text. Fix: generate with a CALM or AR checkpoint")

@@ -24,9 +24,10 @@ from calm_train.config import Config, data_parallel_size, to_yaml, validate, val
 from calm_train.errors import UserError, user_errors
 from calm_train.train import identity
 from calm_train.train.checkpoint import CheckpointManager, load_rng_state, rng_file, save_rng_state
-from calm_train.train.flops import measure_peak_flops, train_flops_per_token
+from calm_train.train.flops import MFU, measure_peak_flops, spec_peak_flops, train_flops_per_token
 from calm_train.train.lock import RunLock
 from calm_train.train.logbook import Logbook
+from calm_train.train.profiling import StepProfiler, peak_memory_gib
 from calm_train.train.signals import StopRequest
 
 EXIT_DONE, EXIT_REQUEUE, EXIT_ABORTED = 0, 75, 130
@@ -42,20 +43,23 @@ class Progress:
     bad_in_a_row: int = 0
     elapsed_s: float = 0.0
     loader: dict | None = None
+    dataset_tokens: dict = dataclasses.field(default_factory=dict)   # data.train dataset name -> tokens
 
 
 def resolve_data(cfg: Config):
-    """Fill vocab size and sequence length from dataset.json; a mismatch names both values."""
-    from calm_train.data.dataset_info import read_dataset_info
+    """Fill vocab size and sequence length from dataset.json (shared by every dataset of a mixture);
+    a mismatch names both values."""
+    from calm_train.data.mixing import as_sources, read_mixture
     if not cfg.data.train:
         raise UserError("config key 'data.train' is empty. Fix: set data.train=DIR of `calm-train prepare --out DIR`")
-    info = read_dataset_info(cfg.data.train)
+    info = read_mixture(cfg.data.train)
+    first = as_sources(cfg.data.train)[0].path
     checks = [("model.vocab_size", cfg.model.vocab_size, info.vocab_size),
               ("data.seq_len", cfg.data.seq_len, info.seq_len),
               ("model.patch_size", cfg.model.patch_size if cfg.model.kind != "ar" else None, info.patch_size)]
     for key, ours, theirs in checks:
         if ours is not None and ours != theirs:
-            raise UserError(f"config key '{key}' is {ours} but {cfg.data.train}/dataset.json says {theirs}. "
+            raise UserError(f"config key '{key}' is {ours} but {first}/dataset.json says {theirs}. "
                             f"Fix: drop the key to take {theirs} from the data, or prepare data with {ours}")
     cfg.model.vocab_size = info.vocab_size
     cfg.data.seq_len = info.seq_len
@@ -66,11 +70,18 @@ class Run:
     """One rank's view of a training run."""
 
     def __init__(self, cfg: Config):
+        from calm_train.data.mixing import mixture_tokenizer
         from calm_train.parallel import runtime
         self.cfg = cfg
         self.run_dir = pathlib.Path(cfg.run_dir)
         self.info = resolve_data(cfg)
         validate(cfg)
+        from calm_train.train.warm_start import WarmStart
+        self.warm_start = WarmStart.open(cfg, self.run_dir)    # model.init_from: checked and read here
+        if cfg.model.kind != "autoencoder":     # model.attention=flash where it cannot run: refused before any work
+            from calm_train.models.attention import resolve_attention
+            b = cfg.model.backbone
+            resolve_attention(cfg.model.attention, self.engine_dtype(), b.hidden_size // b.num_heads)
         self.autoencoder_ref = None
         if cfg.model.kind == "calm":
             from calm_train.train.frozen_autoencoder import check_autoencoder
@@ -84,49 +95,62 @@ class Run:
                                              cfg.train.keep_every, log=self.log.event,
                                              agree=lambda ok: not any_rank(not ok))
         self.lock = RunLock(self.run_dir, cfg.train.lock_timeout, log=self.log.event)
-        self.identity = identity.run_identity(cfg, self.info.tokenizer_sha256, self.autoencoder_ref)
+        self.data_dir = mixture_tokenizer(cfg.data.train)[1]    # the (first) dataset: its tokenizer is the run's
         self.resume_from: str | None = None      # the train.resume_from choice this run descends from
+        self.profiler = None
 
     # ------------------------------------------------------------------------------------------
     def preflight(self) -> pathlib.Path | None:
-        """Rank 0 takes the lock, verifies the shards and the inputs' identity, chooses the checkpoint to resume
-        from, and writes config.yaml and (at the first start) tokenizer/; any error stops every rank."""
-        latest = None
-        error = ""
+        """Rank 0 takes the lock, verifies the shards and the inputs' identity and chooses the checkpoint to resume
+        from; every rank settles the warm start; rank 0 moves aside what the start leaves behind and writes
+        config.yaml and (at the first start) tokenizer/.  An error stops every rank; nothing is written before
+        every check has passed."""
+        start, error = None, ""
         if self.rank == 0:
             try:
-                latest = self._preflight_rank0()
+                start = self._choose_start()
             except user_errors() as err:
                 error = str(err)
-        error, latest, self.resume_from = broadcast_object((error, latest, self.resume_from))
+        error, latest, self.resume_from = broadcast_object(
+            (error, *((start.checkpoint, start.resume_from) if start else (None, None))))
         if error:
             raise UserError(error)
+        if self.warm_start is not None:
+            self.warm_start.settle(self.cfg, latest, self.log.event)
+        if self.rank == 0:
+            from calm_train.train.rundir import move_aside, write_run_files
+            for path in start.move_aside:
+                move_aside(path, self.log.event)
+            write_run_files(self.run_dir, to_yaml(self.cfg), self.data_dir, self.info.tokenizer_files)
+        dist.barrier()
         return latest
 
-    def _preflight_rank0(self) -> pathlib.Path | None:
+    def _choose_start(self):
+        """Rank 0, under the lock; writes nothing into RUN_DIR (train/rundir.py)."""
+        from calm_train.data.mixing import as_sources
         from calm_train.data.verify import verify_dataset
-        from calm_train.train.rundir import choose_start, move_aside, read_state, write_run_files
+        from calm_train.train.rundir import choose_start, read_state
         cfg, tokenizer = self.cfg, self.info.tokenizer_sha256
         self.lock.acquire()
-        verify_dataset(cfg.data.train)
+        for source in as_sources(cfg.data.train):
+            verify_dataset(source.path)
         if cfg.data.val:
             verify_dataset(cfg.data.val)
-        identity.check_val_tokenizer(cfg, tokenizer)
+        identity.check_val_tokenizer(cfg, self.data_dir, tokenizer)
         if self.autoencoder_ref is not None:
-            identity.check_autoencoder_tokenizer(self.autoencoder_ref, cfg, tokenizer, self.log.event)
+            identity.check_autoencoder_tokenizer(self.autoencoder_ref, self.data_dir, tokenizer, self.log.event)
         self.checkpoints.finish_pruning()
         # the resume point is hash-verified once (rank 0) and shared, so a damaged file is never loaded
         start = choose_start(self.checkpoints, cfg.train.resume_from or "", self.log.event)
         if start.checkpoint is not None:
             saved = identity.saved_identity(start.checkpoint, read_state(start.checkpoint), self.log.event)
-            identity.check_resume(saved, self.identity, start.checkpoint, cfg)
+            identity.check_resume(saved, self.run_identity(), start.checkpoint, cfg, self.data_dir)
         if self.run_dir / "tokenizer" not in start.move_aside:
-            identity.check_run_tokenizer(self.run_dir, cfg, tokenizer)
-        for path in start.move_aside:
-            move_aside(path, self.log.event)
-        write_run_files(self.run_dir, to_yaml(cfg), cfg.data.train, self.info.tokenizer_files)
-        self.resume_from = start.resume_from
-        return start.checkpoint
+            identity.check_run_tokenizer(self.run_dir, self.data_dir, tokenizer)
+        return start
+
+    def run_identity(self) -> dict:
+        return identity.run_identity(self.cfg, self.info.tokenizer_sha256, self.autoencoder_ref)
 
     def build(self) -> None:
         from calm_train.data.loader import TokenLoader
@@ -138,14 +162,22 @@ class Run:
             from calm_train.train.frozen_autoencoder import load_frozen_autoencoder
             autoencoder = load_frozen_autoencoder(self.autoencoder_ref, self.world.device)
         self.autoencoder = autoencoder
-        self.engine = TrainEngine(self.cfg, task_for(self.cfg, autoencoder), self.world)
+        task = task_for(self.cfg, autoencoder)
+        if self.warm_start is not None:
+            task.init_state = self.warm_start.take_state()
+        self.engine = TrainEngine(self.cfg, task, self.world)
+        task.init_state = None
+        self.log.event(f"engine: {self.engine.describe()}")
         self.per_rank_batch = self.cfg.train.global_batch // self.dp
         self.loader = TokenLoader(self.cfg.data.train, "train", batch_size=self.per_rank_batch,
                                   dp_rank=self.world.dp_rank, dp_size=self.dp, seed=self.cfg.train.seed,
                                   num_workers=self.cfg.data.num_workers, verify=False)
-        self.flops_per_token = train_flops_per_token(self.cfg.model, self.cfg.data.seq_len)
-        peak = self.cfg.train.peak_flops or measure_peak_flops(self.world.device, self.engine_dtype())
-        self.peak_flops = float(broadcast_object(peak))
+        device, dtype = self.world.device, self.engine_dtype()
+        measured = float(broadcast_object(measure_peak_flops(device, dtype)))
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        self.mfu = MFU(train_flops_per_token(self.cfg.model, self.cfg.data.seq_len), self.world_size, measured,
+                       spec_peak_flops(name, dtype), self.cfg.train.peak_flops, name)
+        self.profiler = StepProfiler(self.cfg.train.profile, self.run_dir, self.rank == 0, device, self.log.event)
 
     def engine_dtype(self) -> torch.dtype:
         dtype = self.cfg.train.dtype
@@ -187,7 +219,7 @@ class Run:
         progress.loader = self.loader.state_dict()
         from calm_train.train.reshard import engine_counters, layout_of, optimizer_export, write_optimizer
         state = {"progress": dataclasses.asdict(progress), "engine": engine_counters(self.engine),
-                 "identity": self.identity, "resume_from": self.resume_from,
+                 "identity": self.run_identity(), "resume_from": self.resume_from,
                  "layout": layout_of(self.cfg, self.world_size)}
         export = self.engine.state_for_export()
         moments, moments_metadata = optimizer_export(self.engine)
@@ -214,6 +246,34 @@ class Run:
         row = evaluate_run(self, step)
         self.log.evaluation({"step": step, **row})
 
+    def count_datasets(self, progress: Progress, sample_ids: torch.Tensor) -> None:
+        """Tokens read from each dataset of data.train (a mixture: summed over data-parallel ranks)."""
+        names, seq_len = self.loader.names, self.cfg.data.seq_len
+        if len(names) == 1:
+            progress.dataset_tokens = {names[0]: progress.tokens}
+            return
+        counts = torch.tensor(self.loader.count_per_dataset(sample_ids.numpy()), dtype=torch.float64)
+        dist.all_reduce(counts)                         # every TP/PP rank of a replica read the same batch
+        replicas = self.world_size // self.dp
+        for name, count in zip(names, counts.tolist()):
+            progress.dataset_tokens[name] = progress.dataset_tokens.get(name, 0) + int(count) // replicas * seq_len
+
+    def metrics_row(self, progress: Progress, result, step_s: float, tokens_per_step: int) -> dict:
+        tokens_per_s = tokens_per_step / max(step_s, 1e-9)
+        mfu, note = self.mfu.row(tokens_per_s)
+        if note:
+            self.log.event(note)
+        peak_mem = torch.tensor([peak_memory_gib(self.world.device)])
+        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+        return {
+            "step": progress.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "samples": progress.samples,
+            "elapsed_s": round(progress.elapsed_s, 3), "skipped_steps": progress.skipped_steps,
+            "step_s": round(step_s, 4), "flops": self.mfu.flops_per_token * progress.tokens, **mfu,
+            "peak_mem_gib": round(float(peak_mem), 4),
+            **{f"tokens/{name}": count for name, count in progress.dataset_tokens.items()},
+        }
+
     def train(self) -> int:
         cfg, t = self.cfg, self.cfg.train
         launched = time.monotonic()      # train.max_wallclock limits this launch (a job), not the whole run
@@ -230,10 +290,13 @@ class Run:
             while progress.step < t.steps:
                 step_start = time.monotonic()
                 batch = next(batches)
+                self.profiler.begin(progress.step + 1)
                 result = self.engine.train_step(batch["tokens"], batch["sample_ids"], progress.step + 1)
+                self.profiler.end(progress.step + 1)
                 progress.step += 1
                 progress.samples += t.global_batch
                 progress.tokens += tokens_per_step
+                self.count_datasets(progress, batch["sample_ids"])
                 if result.skipped:
                     progress.skipped_steps += 1
                     progress.bad_in_a_row += 1
@@ -250,15 +313,9 @@ class Run:
                     progress.bad_in_a_row = 0
                 step_s = time.monotonic() - step_start
                 progress.elapsed_s = time.monotonic() - started
+                self.log.advance(progress.step, step_s, tokens_per_step, result.loss)
                 if progress.step % t.log_every == 0 or progress.step == t.steps:
-                    tokens_per_s = tokens_per_step / max(step_s, 1e-9)
-                    self.log.step({
-                        "step": progress.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                        "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "samples": progress.samples,
-                        "elapsed_s": round(progress.elapsed_s, 3), "skipped_steps": progress.skipped_steps,
-                        "step_s": round(step_s, 4), "flops": self.flops_per_token * progress.tokens,
-                        "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size),
-                    }, eta_s=step_s * (t.steps - progress.step))
+                    self.log.step(self.metrics_row(progress, result, step_s, tokens_per_step))
                 if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.steps:
                     self.evaluate(progress.step)
                 out_of_time = bool(t.max_wallclock) and time.monotonic() - launched >= t.max_wallclock
@@ -285,6 +342,8 @@ class Run:
         finally:
             stop.uninstall()
             self.lock.release()
+            if self.profiler is not None:
+                self.profiler.close()
             self.log.close()
 
 

@@ -4,8 +4,8 @@
     ""        (auto) the newest checkpoint whose files match their sha256; damaged newer ones are named,
               passed over and moved aside.  When checkpoints exist but none is intact the launch stops
               (DamagedRun, exit 1) naming each damaged file and the choices below: never a silent restart.
-    scratch   restart at step 0: checkpoints/, metrics.jsonl, eval.jsonl and tokenizer/ are moved aside
-              to NAME.before-restart-<UTC>, never deleted.
+    scratch   restart at step 0: checkpoints/, metrics.jsonl, eval.jsonl, tensorboard/ and tokenizer/ are
+              moved aside to NAME.before-restart-<UTC>, never deleted.
     PATH      resume from the named checkpoint (verified); this run's checkpoints of later steps are
               moved aside.
 The choice is recorded in state.json ("resume_from") of every checkpoint that descends from it, so a
@@ -97,7 +97,7 @@ def choose_start(manager, resume_from: str, log) -> Start:
             log(f"train.resume_from=scratch: {intact} descends from that restart (an earlier launch of this command); "
                 "resuming from it. To restart again, use a new run_dir")
             return continued
-        names = ("checkpoints", "metrics.jsonl", "eval.jsonl", "tokenizer")
+        names = ("checkpoints", "metrics.jsonl", "eval.jsonl", "tensorboard", "tokenizer")
         return Start(None, SCRATCH, [run_dir / name for name in names if (run_dir / name).exists()])
     ckpt = resolve_checkpoint(resume_from)
     step = verify_checkpoint(ckpt, hashes=True)["step"]

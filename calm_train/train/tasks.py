@@ -43,7 +43,8 @@ class Task:
             from calm_train.models.calm import CALM
             model = (CALM if self.kind == "calm" else ARModel)(
                 m, pre_process=pre_process, post_process=post_process,
-                sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=params_dtype)
+                sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=params_dtype,
+                recompute=cfg.perf.recompute)
         if self.init_state is not None:
             load_full_state_dict(model, self.init_state)
         return model

@@ -157,7 +157,8 @@ train() { "$PYTHON" -m calm_train train tiny_ar run_dir="$MNT/run" data.train="$
           logging.progress=false "$@"; }
 train train.steps=2 > "$OUT/first.log" 2>&1; echo $? > "$OUT/first.rc"
 # leave 256 KiB: enough for a metrics line, not for a checkpoint (model.safetensors alone is ~600 KB)
-"$PYTHON" -c "import os; s = os.statvfs('$MNT'); open('$MNT/filler', 'wb').write(bytes(s.f_bavail * s.f_frsize - (256 << 10)))"
+"$PYTHON" -c "import os; s = os.statvfs('$MNT'); open('$MNT/filler', 'wb').write(bytes(s.f_bavail * s.f_frsize \
+                                                                                 - (256 << 10)))"
 train train.steps=3 > "$OUT/full.log" 2>&1; echo $? > "$OUT/full.rc"
 rm "$MNT/filler"
 mount --bind "$MNT/run/checkpoints" "$MNT/run/checkpoints"
