@@ -10,20 +10,18 @@ tokens (so the AdamW state exists), then a save as the training loop writes it
 
   export     engine.state_for_export(): the full fp32 model gathered for model.safetensors
   optim export  reshard.optimizer_export(): the full Adam moments gathered for optimizer.safetensors
-  engine     engine.save_checkpoint: DeepSpeed's model states and ZeRO optimizer partitions
   safetensors  model.safetensors, optimizer.safetensors (plus autoencoder.safetensors for CALM)
-  rest       rng state, state.json
+  rest       rng/rank_00000.safetensors, state.json
   finalize   the manager's work after the files: sha256 of every file, fsync, manifest, rename, latest
 
 then one more step (the weights move away from the saved ones) and a load as a resumed run and
 `eval`/`generate` read it:
 
   verify     verify_checkpoint with hashes (sizes + sha256 of every file against the manifest)
-  engine     engine.load_checkpoint (model + optimizer state); the restored weights are compared
-             with the saved model.safetensors (`restored_exact`)
-  safetensors  safetensors.torch.load_file of model.safetensors
-  reshard    (after one more step) calm_train.train.reshard.reshard: the layout-free weights + Adam moments into the built
-             engine, what a resume in another tp/pp/dp/ZeRO layout does (`reshard_exact`)
+  restore    calm_train.train.reshard.restore, what every resume runs (any layout): the layout-free
+             weights + Adam moments + counters + RNG into the built engine; the restored weights are
+             compared with the saved model.safetensors (`restored_exact`)
+  safetensors  safetensors.torch.load_file of model.safetensors (what eval and generate read)
 
 Bytes on disk per part.  The run directories live under --workdir and are deleted afterwards.
 """
@@ -45,9 +43,10 @@ from calm_train.models.autoencoder import Autoencoder
 from calm_train.parallel import runtime
 from calm_train.parallel.engine import TrainEngine, build_world
 from calm_train.convert.native import save_autoencoder_file, verify_checkpoint
-from calm_train.train.checkpoint import CheckpointManager, rng_state
+from calm_train.train.checkpoint import CheckpointManager, load_rng_state, rng_file, save_rng_state
 from calm_train.train.loop import Progress
-from calm_train.train.reshard import OPTIMIZER_FILE, layout_of, optimizer_export, reshard, write_optimizer
+from calm_train.train.reshard import (OPTIMIZER_FILE, engine_counters, layout_of, optimizer_export, restore,
+                                      write_optimizer)
 from calm_train.train.tasks import task_for
 
 SEQ_LEN, BATCH = 64, 2
@@ -96,10 +95,9 @@ def measure(args, hidden: int, layers: int, workdir: pathlib.Path) -> dict:
             export, times["save_export_s"] = timed(engine.state_for_export)
             (moments, moments_metadata), times["save_export_optimizer_s"] = timed(lambda: optimizer_export(engine))
 
-            def write(directory: pathlib.Path) -> None:
-                _, times["save_engine_s"] = timed(lambda: engine.save_checkpoint(directory / "engine", "state",
-                                                                                 {"step": 1}))
+            layout = layout_of(cfg, 1)
 
+            def write(directory: pathlib.Path) -> None:
                 def consolidated():
                     save_file({k: v.contiguous() for k, v in export.items()}, str(directory / "model.safetensors"))
                     write_optimizer(directory, moments, moments_metadata)
@@ -108,40 +106,35 @@ def measure(args, hidden: int, layers: int, workdir: pathlib.Path) -> dict:
                 _, times["save_safetensors_s"] = timed(consolidated)
 
                 def rest():
-                    (directory / "rng").mkdir(exist_ok=True)
-                    torch.save(rng_state(), directory / "rng" / "rank_00000.pt")
-                    (directory / "state.json").write_text(json.dumps({"progress": {"step": 1}}))
+                    save_rng_state(rng_file(directory, 0))
+                    (directory / "state.json").write_text(json.dumps({
+                        "progress": {"step": 1}, "engine": engine_counters(engine), "layout": layout}))
                 _, times["save_rest_s"] = timed(rest)
 
             manager = CheckpointManager(run_dir, keep_last=1, log=lambda message: None)
             path, manager_s = timed(lambda: manager.save(1, write, {"kind": m.kind}))
-            written = sum(times[k] for k in ("save_engine_s", "save_safetensors_s", "save_rest_s"))
+            written = sum(times[k] for k in ("save_safetensors_s", "save_rest_s"))
             times["save_finalize_s"] = manager_s - written
             times["save_total_s"] = manager_s + times["save_export_s"] + times["save_export_optimizer_s"]
 
             engine.train_step(tokens_BL, ids, 2)
             _, times["load_verify_s"] = timed(lambda: verify_checkpoint(path, hashes=True))
-            _, times["load_engine_s"] = timed(lambda: engine.load_checkpoint(path / "engine", "state"))
+            saved_state = json.loads((path / "state.json").read_text())
+            _, times["load_restore_s"] = timed(lambda: restore(engine, path, saved_state, layout, cfg, Progress(step=1),
+                                                               load_rng_state(rng_file(path, 0))))
             saved, times["load_safetensors_s"] = timed(lambda: load_file(str(path / "model.safetensors")))
-            times["load_total_s"] = times["load_verify_s"] + times["load_engine_s"] + times["load_safetensors_s"]
+            times["load_total_s"] = times["load_verify_s"] + times["load_restore_s"]
             exact = equal(saved, engine.state_for_export())
-            engine.train_step(tokens_BL, ids, 2)
-            layout = layout_of(cfg, 1)
-            _, times["load_reshard_s"] = timed(lambda: reshard(engine, path, {"layout": layout}, layout, cfg,
-                                                               Progress(step=1)))
-            reshard_exact = equal(saved, engine.state_for_export())
             params = sum(v.numel() for v in export.values())
         total = directory_bytes(path)
-        engine_bytes = directory_bytes(path / "engine")
         safetensors_bytes = (path / "model.safetensors").stat().st_size
         optimizer_bytes = (path / OPTIMIZER_FILE).stat().st_size
-        return {"size": f"{hidden}:{layers}", "kind": m.kind, "zero_stage": cfg.parallel.zero_stage, "hidden": hidden, "layers": layers, "params": params,
-                "fp32_model_mib": 4 * params / common.MIB, "bytes_total": total, "bytes_engine": engine_bytes,
+        return {"size": f"{hidden}:{layers}", "kind": m.kind, "zero_stage": cfg.parallel.zero_stage, "hidden": hidden,
+                "layers": layers, "params": params, "fp32_model_mib": 4 * params / common.MIB, "bytes_total": total,
                 "bytes_model_safetensors": safetensors_bytes, "bytes_optimizer_safetensors": optimizer_bytes,
-                "bytes_other": total - engine_bytes - safetensors_bytes - optimizer_bytes,
+                "bytes_other": total - safetensors_bytes - optimizer_bytes,
                 "bytes_per_param": total / params, "mib_total": total / common.MIB,
-                "save_mib_per_s": total / common.MIB / times["save_total_s"],
-                "restored_exact": exact, "reshard_exact": reshard_exact, **times}
+                "save_mib_per_s": total / common.MIB / times["save_total_s"], "restored_exact": exact, **times}
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -166,18 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     info = common.machine()
     table = common.print_table(rows, [
         ("size", "H:L", "s"), ("params", "params", ",d"), ("mib_total", "MiB on disk", ".1f"),
-        ("bytes_per_param", "B/param", ".1f"), ("bytes_engine", "engine B", ",d"),
+        ("bytes_per_param", "B/param", ".1f"),
         ("bytes_model_safetensors", "model.st B", ",d"), ("bytes_optimizer_safetensors", "optim.st B", ",d"),
-        ("save_export_s", "export s", ".3f"), ("save_export_optimizer_s", "optim export s", ".3f"), ("save_engine_s", "engine s", ".3f"),
+        ("save_export_s", "export s", ".3f"), ("save_export_optimizer_s", "optim export s", ".3f"),
         ("save_safetensors_s", "st write s", ".3f"), ("save_finalize_s", "hash+fsync s", ".3f"),
-        ("save_total_s", "save s", ".3f"), ("load_verify_s", "verify s", ".3f"), ("load_engine_s", "engine load s", ".3f"),
-        ("load_safetensors_s", "st read s", ".3f"), ("load_total_s", "load s", ".3f"),
-        ("restored_exact", "exact", ""), ("load_reshard_s", "reshard s", ".3f"), ("reshard_exact", "exact", "")],
+        ("save_total_s", "save s", ".3f"), ("load_verify_s", "verify s", ".3f"), ("load_restore_s", "restore s", ".3f"),
+        ("load_total_s", "load s", ".3f"), ("restored_exact", "exact", ""), ("load_safetensors_s", "st read s", ".3f")],
         title=f"checkpoint [{args.kind}, vocab {args.vocab}, ZeRO-{rows[0]['zero_stage']}] on {info['device']}, "
               f"load {info['load_avg_1_5_15'][0]:.1f}")
     common.write_json(args.out, {"benchmark": "checkpoint", "machine": info, "rows": rows, "table": table,
                                  "argv": sys.argv[1:] if argv is None else argv})
-    return 0 if all(row["restored_exact"] and row["reshard_exact"] for row in rows) else 1
+    return 0 if all(row["restored_exact"] for row in rows) else 1
 
 
 if __name__ == "__main__":

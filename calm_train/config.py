@@ -122,6 +122,8 @@ class TrainConfig:
     keep_every: int = 0               # ... plus every keep_every-th step (0: none)
     max_wallclock: float = 0.0        # seconds per launch (job); then save and exit 75 (0: off)
     max_bad_steps: int = 5            # consecutive non-finite steps before the run stops
+    resume_from: str | None = None    # None/"": newest intact checkpoint | scratch | a checkpoint PATH
+    lock_timeout: float = 600.0       # seconds without a heartbeat after which RUN_DIR/.lock counts as stale
     peak_flops: float = 0.0           # per-device peak FLOP/s for MFU; 0: the device's spec peak, else measured
     profile: str | None = None        # START:END: torch.profiler trace of those steps (rank 0) in RUN_DIR/profile/
 
@@ -494,6 +496,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _check(profile_steps(t.profile) is not None, "train.profile", f"'{t.profile}' is not START:END with "
                "1 <= START <= END", "write e.g. train.profile=10:12 (steps 10 to 12, counted from 1)")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", "allow a few skipped steps, e.g. 5")
+    _check(t.lock_timeout > 0, "train.lock_timeout", f"{t.lock_timeout} must be > 0",
+           "use 600 (seconds without a heartbeat before another launch may take over the run directory)")
     _check(cfg.logging.wandb in ("off", "offline", "online"), "logging.wandb",
            f"'{cfg.logging.wandb}' is unknown", "use off, offline or online")
     f = cfg.perf

@@ -1,5 +1,5 @@
-"""File helpers shared by every layer: digests (shard xxh64, tokenizer and checkpoint sha256) and
-durable writes (fsync a tree, replace a small file atomically)."""
+"""File helpers shared by every layer: digests (shard xxh64, tokenizer and checkpoint sha256), durable
+writes (fsync a tree, replace a small file atomically), and whether the process owning a file still runs."""
 from __future__ import annotations
 
 import hashlib
@@ -50,3 +50,14 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

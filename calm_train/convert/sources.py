@@ -22,11 +22,11 @@ import json
 import pathlib
 
 import torch
-import yaml
 
 from calm_train.config import Config, DataConfig, ModelConfig, config_from_tree
 from calm_train.convert import hf_llama, reference
-from calm_train.convert.native import MANIFEST, load_autoencoder_file, resolve_checkpoint, verify_checkpoint
+from calm_train.convert.native import (MANIFEST, CheckpointError, load_autoencoder_file, load_safetensors, read_yaml,
+                                       resolve_checkpoint, verify_checkpoint)
 from calm_train.convert.weights import ConvertError, check_shapes, find_weights, read_weights, resolve_aliases
 from calm_train.files import sha256_file
 
@@ -48,9 +48,8 @@ class Source:
     def read(self) -> tuple[dict[str, torch.Tensor], torch.nn.Module | None]:
         """(full native state dict, the frozen autoencoder for CALM else None)."""
         if self.layout == "native":
-            from safetensors.torch import load_file
             ae = load_autoencoder_file(self.path, "cpu") if self.model.kind == "calm" else None
-            return load_file(str(self.weights)), ae
+            return load_safetensors(self.weights), ae
         if self.layout == "llama":
             return _read_llama(self), None
         if self.model.kind == "autoencoder":
@@ -78,7 +77,11 @@ class Source:
         """The tokenizer that comes with the model, or None when the directory has none."""
         from calm_train.data.tokenizer import load_dataset_tokenizer, load_tokenizer
         if self.layout == "native":
-            return load_dataset_tokenizer(self.path / "tokenizer")
+            try:
+                return load_dataset_tokenizer(self.path / "tokenizer")
+            except (ValueError, OSError, KeyError) as err:      # what the tokenizer libraries raise on foreign bytes
+                raise CheckpointError(f"{self.path}/tokenizer holds no readable tokenizer ({type(err).__name__}: "
+                                      f"{str(err)[:200]}). Fix: restore the files from a copy") from err
         main = next((self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()), None)
         if main is None:
             return None
@@ -97,7 +100,10 @@ def open_source(spec) -> Source:
     if not (path / "config.json").is_file() or (path / MANIFEST).is_file():
         ckpt = resolve_checkpoint(path)
         verify_checkpoint(ckpt)
-        cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
+        tree = read_yaml(ckpt / "config.yaml")
+        if not isinstance(tree, dict):
+            raise CheckpointError(f"{ckpt}/config.yaml holds no config mapping. Fix: restore the file from a copy")
+        cfg = config_from_tree(tree)
         return Source(ckpt, "native", cfg, ckpt / "model.safetensors")
     config = reference.read_config(path)
     if _is_llama(config):

@@ -20,6 +20,8 @@ import socket
 import tempfile
 from dataclasses import dataclass
 
+from calm_train.files import pid_alive
+
 SHM_DIR = pathlib.Path("/dev/shm")
 
 
@@ -40,16 +42,6 @@ class Job:
         """Remove the directory; a live process's own segments go with its resource tracker at exit."""
         if self.leader:
             shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _segments_of(local: pathlib.Path) -> list[pathlib.Path]:
@@ -83,7 +75,7 @@ def clean_stale_jobs(base: pathlib.Path) -> int:
             pid = json.loads((root / "owner.json").read_text())["pid"]
         except (OSError, ValueError, KeyError):
             continue
-        if not _alive(pid):
+        if not pid_alive(pid):
             _remove_job(root)
             removed += 1
     return removed

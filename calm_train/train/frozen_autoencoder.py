@@ -26,16 +26,15 @@ class AutoencoderRef:
     arch: AutoencoderArch
     vocab_size: int
     patch_size: int
-    sha256: str
+    sha256: str                   # of the weights file
     layout: str                   # native | hf
-
-    def describe(self) -> dict:
-        return {"path": str(self.path), "sha256": self.sha256, "layout": self.layout}
+    tokenizer_sha256: str | None  # the tokenizer it was trained with (its dataset.json); None: not recorded
 
 
 def find_autoencoder(spec: str) -> AutoencoderRef:
     from calm_train.convert.native import AUTOENCODER_SPEC, AUTOENCODER_WEIGHTS, resolve_checkpoint
     from calm_train.files import sha256_file
+    from calm_train.train.identity import recorded_tokenizer
     path = pathlib.Path(spec)
     if not path.exists():
         raise UserError(f"config key 'model.autoencoder': {path} does not exist. Fix: train one with "
@@ -43,21 +42,23 @@ def find_autoencoder(spec: str) -> AutoencoderRef:
     if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         from calm_train.convert.reference import read_reference_autoencoder_config
         arch, vocab, k, weights = read_reference_autoencoder_config(path)
-        return AutoencoderRef(path, weights, arch, vocab, k, sha256_file(weights), "hf")
+        tokenizer = recorded_tokenizer(path / "tokenizer") or recorded_tokenizer(path)
+        return AutoencoderRef(path, weights, arch, vocab, k, sha256_file(weights), "hf", tokenizer)
     ckpt = resolve_checkpoint(path)
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     if saved["model"]["kind"] == "calm" and (ckpt / AUTOENCODER_WEIGHTS).is_file():
         frozen = yaml.safe_load((ckpt / AUTOENCODER_SPEC).read_text())
         weights = ckpt / AUTOENCODER_WEIGHTS
         return AutoencoderRef(ckpt, weights, AutoencoderArch(**frozen["arch"]), frozen["vocab_size"],
-                              frozen["patch_size"], sha256_file(weights), "native")
+                              frozen["patch_size"], sha256_file(weights), "native",
+                              recorded_tokenizer(ckpt / "tokenizer"))
     if saved["model"]["kind"] != "autoencoder":
         raise UserError(f"config key 'model.autoencoder': {ckpt} holds a {saved['model']['kind']} model, not an "
                         "autoencoder. Fix: point it at the autoencoder's run directory")
     arch = AutoencoderArch(**saved["model"]["ae"])
     weights = ckpt / "model.safetensors"
     return AutoencoderRef(ckpt, weights, arch, saved["model"]["vocab_size"], saved["model"]["patch_size"],
-                          sha256_file(weights), "native")
+                          sha256_file(weights), "native", recorded_tokenizer(ckpt / "tokenizer"))
 
 
 def check_autoencoder(cfg: Config) -> AutoencoderRef:

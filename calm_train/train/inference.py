@@ -55,6 +55,7 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
     from calm_train.data.loader import TokenLoader
     from calm_train.parallel import runtime
     from calm_train.train.evaluate import accumulate, batch_metric_sums, finish, validation_source
+    from calm_train.train.identity import check_eval_data
     with runtime.single_process(seed) as world:
         loaded = load_for_inference(spec, world.device)
         cfg = loaded.cfg
@@ -67,6 +68,7 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         if source is None:
             raise UserError(f"{cfg.data.train} has no val split and the run set no data.val. Fix: pass "
                             "--data DIR of a prepared directory to evaluate on")
+        check_eval_data(loaded.checkpoint, source[0])
         loader = TokenLoader(*source, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
                              shuffle=False, verify=True)
         seq_len = loader.info.seq_len

@@ -13,18 +13,37 @@ from calm_train.files import write_atomic
 from calm_train.train.progress import ProgressDisplay
 
 
-def read_jsonl(path: pathlib.Path) -> list[dict]:
+def read_jsonl(path: pathlib.Path, log=print) -> list[dict]:
+    """The objects of a history file.  A torn last line (a write cut by a full disk or a power loss) is
+    dropped with a warning; a damaged line before it is an error naming the file and line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise UserError(f"{path}:{number} is not a JSON object ({err}). Fix: repair or delete that line") \
+                    from err
+            log(f"warning: dropped the torn last line of {path} ({len(line)} characters: {line[:40]!r}...)")
+    return rows
 
 
-def truncate_after(path: pathlib.Path, step: int) -> None:
+def truncate_after(path: pathlib.Path, step: int, log=print) -> None:
     """On resume, drop lines of steps after the checkpoint: those steps are redone, so the file keeps one
     object per step and equals an uninterrupted run's."""
-    rows = read_jsonl(path)
+    if not path.is_file() or not path.stat().st_size:
+        return
+    rows = read_jsonl(path, log)
     kept = [r for r in rows if r.get("step", 0) <= step]
-    if len(kept) != len(rows):
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        whole_lines = f.read(1) == b"\n"  # else a torn last line, or a line to finish before the next append
+    if len(kept) != len(rows) or not whole_lines:
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -51,11 +70,16 @@ class Logbook:
                                 "Fix: pip install tensorboard, or set logging.tensorboard=false") from err
 
     def resume_at(self, step: int) -> None:
-        """Drop the lines of steps after the checkpoint the run continues from (0: a fresh start)."""
+        """Drop the lines of steps after the checkpoint the run continues from; a start at step 0 moves an
+        earlier history aside (NAME.before-restart-<UTC>)."""
         if not self.enabled:
             return
-        truncate_after(self.metrics_path, step)
-        truncate_after(self.eval_path, step)
+        from calm_train.train.rundir import move_aside
+        for path in (self.metrics_path, self.eval_path, self.run_dir / "tensorboard"):
+            if step == 0 and (path.is_dir() or path.is_file() and path.stat().st_size):
+                move_aside(path, self.event)
+            elif path.is_file():
+                truncate_after(path, step, self.event)
         if self.cfg.logging.wandb != "off" and self.wandb is None:
             import wandb
             from calm_train.config import to_dict

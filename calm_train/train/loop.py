@@ -1,13 +1,15 @@
 """`calm-train train`: one run of the autoencoder, CALM or AR trainer, in any parallel layout.
 
-Order: validate and check inputs (data, frozen autoencoder, run directory) -> process groups ->
-engine -> resume from the newest complete checkpoint -> steps (log, evaluate, save, obey signals)
--> final save and evaluation. Exit 0 when done, 75 after a signal- or wall-clock-triggered save.
+Order: validate and check inputs (data, frozen autoencoder) -> process groups -> take RUN_DIR/.lock
+(train/lock.py) -> verify shards, choose the checkpoint to resume from (train/rundir.py), compare the
+run's identity (train/identity.py), write config.yaml and, at the first start, tokenizer/ -> engine ->
+resume -> steps (log, evaluate, save, obey signals) -> final save and evaluation.  Exit 0 when done,
+75 after a signal- or wall-clock-triggered save, 130 after a second SIGINT; the lock is released on
+every exit path.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -18,16 +20,18 @@ import time
 import torch
 import torch.distributed as dist
 
-from calm_train.config import Config, data_parallel_size, to_dict, to_yaml, validate, validate_layout
+from calm_train.config import Config, data_parallel_size, to_yaml, validate, validate_layout
 from calm_train.data.loader import require_one_batch
 from calm_train.errors import UserError, user_errors
-from calm_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from calm_train.train import identity
+from calm_train.train.checkpoint import CheckpointManager, load_rng_state, rng_file, save_rng_state
 from calm_train.train.flops import MFU, measure_peak_flops, spec_peak_flops, train_flops_per_token
+from calm_train.train.lock import RunLock
 from calm_train.train.logbook import Logbook
 from calm_train.train.profiling import StepProfiler, peak_memory_gib
 from calm_train.train.signals import StopRequest
 
-EXIT_DONE, EXIT_REQUEUE = 0, 75
+EXIT_DONE, EXIT_REQUEUE, EXIT_ABORTED = 0, 75, 130
 
 
 @dataclasses.dataclass
@@ -41,13 +45,6 @@ class Progress:
     elapsed_s: float = 0.0
     loader: dict | None = None
     dataset_tokens: dict = dataclasses.field(default_factory=dict)   # data.train dataset name -> tokens
-
-
-def config_hash(cfg: Config) -> str:
-    """Hash of what must not change across a resume (the model); layouts, schedules and the warm-start source may."""
-    from calm_train.train.warm_start import RECORD_FIELDS
-    model = {k: v for k, v in to_dict(cfg.model).items() if k not in RECORD_FIELDS}
-    return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_data(cfg: Config):
@@ -74,6 +71,7 @@ class Run:
     """One rank's view of a training run."""
 
     def __init__(self, cfg: Config):
+        from calm_train.data.mixing import mixture_tokenizer
         from calm_train.parallel import runtime
         self.cfg = cfg
         self.run_dir = pathlib.Path(cfg.run_dir)
@@ -96,46 +94,65 @@ class Run:
         require_one_batch(cfg.data.train, "train", cfg.train.global_batch, self.dp)
         self.log = Logbook(self.run_dir, cfg, enabled=self.rank == 0, total_steps=cfg.train.steps)
         self.checkpoints = CheckpointManager(self.run_dir, self.rank, dist.barrier, cfg.train.keep_last,
-                                             cfg.train.keep_every, log=self.log.event)
+                                             cfg.train.keep_every, log=self.log.event,
+                                             agree=lambda ok: not any_rank(not ok))
+        self.lock = RunLock(self.run_dir, cfg.train.lock_timeout, log=self.log.event)
+        self.data_dir = mixture_tokenizer(cfg.data.train)[1]    # the (first) dataset: its tokenizer is the run's
+        self.resume_from: str | None = None      # the train.resume_from choice this run descends from
+        self.profiler = None
 
     # ------------------------------------------------------------------------------------------
     def preflight(self) -> pathlib.Path | None:
-        """Verify the shards (rank 0, result shared), write config.yaml and the tokenizer, find the resume point."""
-        from calm_train.data.mixing import as_sources, mixture_tokenizer
-        from calm_train.data.verify import verify_dataset
-        error = ""
+        """Rank 0 takes the lock, verifies the shards and the inputs' identity and chooses the checkpoint to resume
+        from; every rank settles the warm start; rank 0 moves aside what the start leaves behind and writes
+        config.yaml and (at the first start) tokenizer/.  An error stops every rank; nothing is written before
+        every check has passed."""
+        start, error = None, ""
         if self.rank == 0:
             try:
-                for source in as_sources(self.cfg.data.train):
-                    verify_dataset(source.path)
-                if self.cfg.data.val:
-                    verify_dataset(self.cfg.data.val)
+                start = self._choose_start()
             except user_errors() as err:
                 error = str(err)
-        error = broadcast_object(error)
+        error, latest, self.resume_from = broadcast_object(
+            (error, *((start.checkpoint, start.resume_from) if start else (None, None))))
         if error:
             raise UserError(error)
-        # the resume point is hash-verified once (rank 0) and shared, so a damaged file is never loaded
-        latest = broadcast_object(self.checkpoints.latest(hashes=True) if self.rank == 0 else None)
-        if latest is not None:
-            saved = json.loads((latest / "state.json").read_text())
-            if saved["config_hash"] != config_hash(self.cfg):
-                raise UserError(f"{latest} was trained with another model config than {self.run_dir}/config.yaml "
-                                "now asks for. Fix: use a new run_dir, or restore the model keys of the saved "
-                                f"{latest}/config.yaml")
         if self.warm_start is not None:
             self.warm_start.settle(self.cfg, latest, self.log.event)
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-            tokenizer_dir = self.run_dir / "tokenizer"
-            tokenizer_dir.mkdir(exist_ok=True)
-            _, source_dir = mixture_tokenizer(self.cfg.data.train)
-            for name in self.info.tokenizer_files:
-                shutil.copy2(source_dir / name, tokenizer_dir / name)
-            shutil.copy2(source_dir / "dataset.json", tokenizer_dir / "dataset.json")
+            from calm_train.train.rundir import move_aside, write_run_files
+            for path in start.move_aside:
+                move_aside(path, self.log.event)
+            write_run_files(self.run_dir, to_yaml(self.cfg), self.data_dir, self.info.tokenizer_files)
         dist.barrier()
         return latest
+
+    def _choose_start(self):
+        """Rank 0, under the lock; writes nothing into RUN_DIR (train/rundir.py)."""
+        from calm_train.data.mixing import as_sources
+        from calm_train.data.verify import verify_dataset
+        from calm_train.train.rundir import choose_start, read_state
+        cfg, tokenizer = self.cfg, self.info.tokenizer_sha256
+        self.lock.acquire()
+        for source in as_sources(cfg.data.train):
+            verify_dataset(source.path)
+        if cfg.data.val:
+            verify_dataset(cfg.data.val)
+        identity.check_val_tokenizer(cfg, self.data_dir, tokenizer)
+        if self.autoencoder_ref is not None:
+            identity.check_autoencoder_tokenizer(self.autoencoder_ref, self.data_dir, tokenizer, self.log.event)
+        self.checkpoints.finish_pruning()
+        # the resume point is hash-verified once (rank 0) and shared, so a damaged file is never loaded
+        start = choose_start(self.checkpoints, cfg.train.resume_from or "", self.log.event)
+        if start.checkpoint is not None:
+            saved = identity.saved_identity(start.checkpoint, read_state(start.checkpoint), self.log.event)
+            identity.check_resume(saved, self.run_identity(), start.checkpoint, cfg, self.data_dir)
+        if self.run_dir / "tokenizer" not in start.move_aside:
+            identity.check_run_tokenizer(self.run_dir, self.data_dir, tokenizer)
+        return start
+
+    def run_identity(self) -> dict:
+        return identity.run_identity(self.cfg, self.info.tokenizer_sha256, self.autoencoder_ref)
 
     def build(self) -> None:
         from calm_train.data.loader import TokenLoader
@@ -185,18 +202,21 @@ class Run:
                            f"tp={self.cfg.parallel.tp} pp={self.cfg.parallel.pp} dp={self.dp} "
                            f"zero={self.cfg.parallel.zero_stage}")
             return Progress()
-        from calm_train.train.reshard import layout_of, reshard
-        saved = json.loads((latest / "state.json").read_text())
+        from calm_train.convert.native import read_json
+        from calm_train.train.reshard import layout_of, restore
+        saved = read_json(latest / "state.json")
         progress = Progress(**saved["progress"])
         layout = layout_of(self.cfg, self.world_size)
-        if saved.get("layout", layout) == layout:
-            self.engine.load_checkpoint(latest / "engine", "state")
-            rng_file = latest / "rng" / f"rank_{self.rank:05d}.pt"
-            if rng_file.is_file():
-                set_rng_state(torch.load(rng_file, weights_only=False))
-            message = f"resumed from {latest} at step {progress.step}"
-        else:
-            message = reshard(self.engine, latest, saved, layout, self.cfg, progress)
+        rng, error = None, None
+        path = rng_file(latest, self.rank)
+        if saved.get("layout") == layout and path.is_file():
+            try:
+                rng = load_rng_state(path)
+            except user_errors() as err:
+                error = err
+        if any_rank(error is not None):                 # every rank stops, not only the one that cannot read
+            raise error or UserError(f"another rank could not read its RNG states in {latest}/rng (see its error)")
+        message = restore(self.engine, latest, saved, layout, self.cfg, progress, rng)
         if progress.loader is not None:
             self.loader.load_state_dict(progress.loader)
         self.log.event(message)
@@ -204,19 +224,15 @@ class Run:
 
     def save(self, progress: Progress) -> None:
         progress.loader = self.loader.state_dict()
-        from calm_train.train.reshard import layout_of, optimizer_export, write_optimizer
-        state = {"progress": dataclasses.asdict(progress), "config_hash": config_hash(self.cfg),
-                 "autoencoder": self.autoencoder_ref.describe() if self.autoencoder_ref else None,
+        from calm_train.train.reshard import engine_counters, layout_of, optimizer_export, write_optimizer
+        state = {"progress": dataclasses.asdict(progress), "engine": engine_counters(self.engine),
+                 "identity": self.run_identity(), "resume_from": self.resume_from,
                  "layout": layout_of(self.cfg, self.world_size)}
-        from calm_train.train.warm_start import init_from_record
-        state.setdefault("identity", {})["init_from"] = init_from_record(self.cfg)
         export = self.engine.state_for_export()
         moments, moments_metadata = optimizer_export(self.engine)
 
         def write(directory: pathlib.Path) -> None:
-            self.engine.save_checkpoint(directory / "engine", "state", {"step": progress.step})
-            (directory / "rng").mkdir(exist_ok=True)
-            torch.save(rng_state(), directory / "rng" / f"rank_{self.rank:05d}.pt")
+            save_rng_state(rng_file(directory, self.rank))
             if self.rank == 0:
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in export.items()}, str(directory / "model.safetensors"))
@@ -270,16 +286,16 @@ class Run:
     def train(self) -> int:
         cfg, t = self.cfg, self.cfg.train
         launched = time.monotonic()      # train.max_wallclock limits this launch (a job), not the whole run
-        latest = self.preflight()
-        self.build()
-        progress = self.resume(latest)
-        self.log.resume_at(progress.step)
-        resumed_at = progress.step
-        stop = StopRequest().install()
-        tokens_per_step = t.global_batch * cfg.data.seq_len
-        started = time.monotonic() - progress.elapsed_s
-        batches = iter(self.loader)
+        stop = StopRequest().install()   # a signal from here on is obeyed after the next step
         try:
+            latest = self.preflight()
+            self.build()
+            progress = self.resume(latest)
+            self.log.resume_at(progress.step)
+            resumed_at = progress.step
+            tokens_per_step = t.global_batch * cfg.data.seq_len
+            started = time.monotonic() - progress.elapsed_s
+            batches = iter(self.loader)
             while progress.step < t.steps:
                 step_start = time.monotonic()
                 batch = next(batches)
@@ -313,10 +329,13 @@ class Run:
                     self.evaluate(progress.step)
                 out_of_time = bool(t.max_wallclock) and time.monotonic() - launched >= t.max_wallclock
                 asked = any_rank(stop.requested or out_of_time)
+                reason = stop.signal_name or "train.max_wallclock"
+                if asked:
+                    self.log.event(f"{reason}: saving a checkpoint at step {progress.step}, then exit {EXIT_REQUEUE} "
+                                   "(a second SIGINT aborts without it)")
                 if asked or (t.save_every and progress.step % t.save_every == 0 and progress.step < t.steps):
                     self.save(progress)
                 if asked:
-                    reason = stop.signal_name or "train.max_wallclock"
                     self.log.event(f"{reason}: checkpoint saved at step {progress.step}; exit {EXIT_REQUEUE} "
                                    "(relaunch the same command to resume)")
                     return EXIT_REQUEUE
@@ -325,9 +344,15 @@ class Run:
             self.evaluate(progress.step)
             self.log.event(f"done: {progress.step} steps, {progress.tokens} tokens in {progress.elapsed_s:.1f}s")
             return EXIT_DONE
+        except KeyboardInterrupt:
+            self.log.event(f"second SIGINT: aborted without saving a checkpoint; exit {EXIT_ABORTED} (a relaunch "
+                           "resumes from the newest checkpoint)")
+            return EXIT_ABORTED
         finally:
             stop.uninstall()
-            self.profiler.close()
+            self.lock.release()
+            if self.profiler is not None:
+                self.profiler.close()
             self.log.close()
 
 

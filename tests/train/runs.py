@@ -5,16 +5,19 @@ a session of its own, its output in a log file: `torchrun --standalone` for N > 
 `python -m calm_train`.  `Job.kill_all()` is kill -9 of torchrun and of every rank (torchrun starts each
 rank in a session of its own, so killing torchrun's process group alone would leave the ranks running),
 `Job.signal_ranks()` signals every rank as Slurm does.  Comparisons: `trajectory` (metrics lines) and
-`final_weights` (model.safetensors).
+`final_weights` (model.safetensors).  `in_one_process` runs several commands through `calm_train.cli.main` in
+one fresh process (the imports are paid once); `rehash` makes a checkpoint's manifest match a changed file.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 from safetensors.torch import load_file
@@ -48,6 +51,54 @@ def error_line(proc: subprocess.CompletedProcess, command: str) -> str:
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"calm-train {command}: error: "), proc.stderr[-3000:]
     return line
+
+
+IN_ONE_PROCESS = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from calm_train.cli import main
+    results = []
+    for argv in json.loads(sys.argv[1]):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+        results.append({"code": code, "out": out.getvalue(), "err": err.getvalue()})
+    print(json.dumps(results))
+""")
+
+
+def in_one_process(*calls: list[str], cwd=None) -> list[dict]:
+    """Each argv through calm_train.cli.main, in order, in one fresh process: {"code", "out", "err"} per call."""
+    proc = subprocess.run([sys.executable, "-c", IN_ONE_PROCESS, json.dumps([list(c) for c in calls])],
+                          capture_output=True, text=True, timeout=900, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def rehash(ckpt: pathlib.Path, rel: str) -> None:
+    """Record a changed file of a checkpoint in its manifest (size and sha256), as a legitimate writer would."""
+    from calm_train.files import sha256_file
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][rel] = [(ckpt / rel).stat().st_size, sha256_file(ckpt / rel)]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+class Payload:
+    """Unpickling it creates the file `marker`: proof that something was unpickled."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def payload(marker: pathlib.Path) -> bytes:
+    """Pickled bytes that create `marker` when loaded (checked once here, then the marker is removed)."""
+    data = pickle.dumps(Payload(marker))
+    pickle.loads(data)
+    assert pathlib.Path(marker).exists()
+    pathlib.Path(marker).unlink()
+    return data
 
 
 def start(*args: str) -> subprocess.Popen:

@@ -99,3 +99,99 @@ def test_kill_during_save_keeps_previous_latest(tmp_path):
     manager.save(2, writer(b"z"), {})
     assert manager.latest() == root / step_name(2)
     assert not (root / f".partial-{step_name(2)}").exists()
+
+
+def test_rng_states_round_trip_through_safetensors(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+    from calm_train.train.checkpoint import load_rng_state, rng_file, save_rng_state, set_rng_state
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    random.gauss(0, 1), np.random.randn()            # a cached gaussian in both
+    path = rng_file(tmp_path, 7)
+    save_rng_state(path)
+    expected = (random.random(), random.gauss(0, 1), np.random.randn(3).tolist(), torch.rand(3).tolist())
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    set_rng_state(load_rng_state(path))
+    assert (random.random(), random.gauss(0, 1), np.random.randn(3).tolist(), torch.rand(3).tolist()) == expected
+    assert path.name == "rank_00007.safetensors" and path.read_bytes()[8:9] == b"{"   # safetensors: JSON header
+
+
+def test_pruning_killed_midway_is_recognised_and_finished_at_the_next_start(tmp_path):
+    """SIGKILL while an old checkpoint is being deleted: what is left is a `.pruning-` directory, never a
+    half-deleted step_N that would be reported as damaged; the next start removes it."""
+    script = textwrap.dedent(f"""
+        import os, shutil, signal
+        from calm_train.train.checkpoint import CheckpointManager
+        manager = CheckpointManager({str(tmp_path)!r}, keep_last=1, log=lambda m: None)
+        def write(d):
+            for i in range(3):
+                (d / f"part{{i}}.bin").write_bytes(b"x" * 100)
+        manager.save(1, write, {{}})
+        real_unlink = os.unlink
+        def unlink_then_die(path, *args, **kwargs):
+            real_unlink(path, *args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)      # after the first file of the pruned checkpoint
+        os.unlink = unlink_then_die
+        manager.save(2, write, {{}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    root = tmp_path / "checkpoints"
+    leftover = root / f".pruning-{step_name(1)}"
+    assert leftover.is_dir() and len(list(leftover.iterdir())) < 4          # half deleted
+    assert sorted(p.name for p in root.glob("step_*")) == [step_name(2)]
+    logs = []
+    manager = CheckpointManager(tmp_path, log=logs.append)
+    assert manager.newest_intact() == (root / step_name(2), [])              # nothing reported as damaged
+    manager.finish_pruning()
+    assert not leftover.exists() and logs == [f"removed {leftover}: an old checkpoint whose pruning was interrupted"]
+    assert verify_checkpoint(root / step_name(2))["step"] == 2
+
+
+FULL_DISK_SCRIPT = """
+set -u
+mount -t tmpfs -o size=12m tmpfs "$MNT"
+train() { "$PYTHON" -m calm_train train tiny_ar run_dir="$MNT/run" data.train="$DATA" train.save_every=1 \\
+          logging.progress=false "$@"; }
+train train.steps=2 > "$OUT/first.log" 2>&1; echo $? > "$OUT/first.rc"
+# leave 256 KiB: enough for a metrics line, not for a checkpoint (model.safetensors alone is ~600 KB)
+"$PYTHON" -c "import os; s = os.statvfs('$MNT'); open('$MNT/filler', 'wb').write(bytes(s.f_bavail * s.f_frsize \
+                                                                                 - (256 << 10)))"
+train train.steps=3 > "$OUT/full.log" 2>&1; echo $? > "$OUT/full.rc"
+rm "$MNT/filler"
+mount --bind "$MNT/run/checkpoints" "$MNT/run/checkpoints"
+mount -o remount,bind,ro "$MNT/run/checkpoints"
+train train.steps=3 > "$OUT/readonly.log" 2>&1; echo $? > "$OUT/readonly.rc"
+umount "$MNT/run/checkpoints"
+train train.steps=3 > "$OUT/after.log" 2>&1; echo $? > "$OUT/after.rc"
+cp -a "$MNT/run" "$OUT/run"
+"""
+
+
+def test_full_and_read_only_file_system_during_a_save_keep_the_previous_checkpoint(tiny_data, tmp_path):
+    """A real full file system (a 12 MiB tmpfs, filled) and a real read-only one (the checkpoints directory
+    remounted read-only), each in a private mount namespace: the save of step 3 fails with one line that names the
+    cause and says step 2 and `latest` are intact; after the file system is fixed the same command resumes."""
+    import shutil
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"]).returncode != 0:
+        pytest.skip("no mount namespaces here (unshare -Urm): a real tmpfs cannot be mounted")
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir(), out.mkdir()
+    env = {**os.environ, "MNT": str(mnt), "OUT": str(out), "DATA": str(tiny_data), "PYTHON": sys.executable}
+    subprocess.run(["unshare", "-Urm", "bash", "-c", FULL_DISK_SCRIPT], env=env, timeout=900, check=True)
+    rc = {name: int((out / f"{name}.rc").read_text()) for name in ("first", "full", "readonly", "after")}
+    assert rc == {"first": 0, "full": 1, "readonly": 1, "after": 0}, (rc, (out / "full.log").read_text()[-3000:])
+    run = mnt / "run"
+    intact = f"the previous checkpoint {run}/checkpoints/{step_name(2)} and {run}/checkpoints/latest are intact"
+    for name, cause in (("full", "No space left on device"), ("readonly", "Read-only file system")):
+        err = [line for line in (out / f"{name}.log").read_text().splitlines() if "error:" in line]
+        assert len(err) == 1 and err[0].startswith("calm-train train: error: could not save step_00000003"), err
+        assert cause in err[0] and intact in err[0] and "Fix:" in err[0], err
+        assert "Traceback" not in (out / f"{name}.log").read_text()
+    after = (out / "after.log").read_text()
+    assert f"resumed from {run}/checkpoints/{step_name(2)} at step 2" in after
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert verify_checkpoint(out / "run" / "checkpoints" / step_name(3))["step"] == 3

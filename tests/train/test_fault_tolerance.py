@@ -6,8 +6,8 @@ steps (a seeded RNG) and relaunched with the same command; DP is then stopped by
 (exit 75), PP by a tiny train.max_wallclock (exit 75).  The last launch finishes the run: its
 metrics.jsonl loss lines, eval.jsonl and final model.safetensors equal the reference's bit for bit.
 Plus: non-finite steps skipped, counted and stopped after train.max_bad_steps with the last good checkpoint
-named and intact; damaged newest checkpoints (truncated engine file, missing rank-1 file) are named and
-skipped by resume, which falls back to the previous complete one, and by `calm-train eval`; a resume with
+named and intact; damaged newest checkpoints (truncated model.safetensors, missing rank-1 RNG file) are named
+and skipped by resume, which falls back to the previous complete one, and by `calm-train eval`; a resume with
 another model config names the checkpoint and its config.yaml.
 """
 import json
@@ -21,10 +21,10 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from runs import Job, assert_same_weights, calm_train, final_weights, last_step, metrics, trajectory  # noqa: E402
+from runs import (Job, assert_same_weights, calm_train, final_weights, last_step, metrics, rehash,  # noqa: E402
+                  trajectory)
 
 from calm_train.convert.native import step_name, verify_checkpoint  # noqa: E402
-from calm_train.files import sha256_file  # noqa: E402
 from calm_train.train.checkpoint import CheckpointManager  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)   # per test, fixtures included: a 2-process launch takes 15-45 s
@@ -35,6 +35,12 @@ DP_STOPS = sorted(RNG.sample(range(2, STEPS - 3), 3))        # kill -9, kill -9,
 PP_STOPS = sorted(RNG.sample(range(2, STEPS - 3), 2))        # kill -9, kill -9 (then the wall-clock limit)
 LAYOUTS = {"dp2_zero2": ["parallel.zero_stage=2"], "pp2": ["parallel.pp=2", "parallel.zero_stage=1"]}
 REQUEUE = 75
+
+
+@pytest.fixture(scope="module")
+def autoencoder(tiny_ae) -> pathlib.Path:
+    """A frozen autoencoder for CALM: its quality does not matter here, only that it is fixed."""
+    return tiny_ae
 
 
 def layout_args(layout: str, run: pathlib.Path, data: pathlib.Path, ae: pathlib.Path, *extra: str) -> list[str]:
@@ -151,9 +157,7 @@ def test_pp2_kill9_twice_then_wallclock_limit_resumes_bit_exactly(pp_reference, 
 def rewrite_file(ckpt: pathlib.Path, rel: str, text: str) -> None:
     """Replace one file of a checkpoint and its manifest entry: a legitimately different checkpoint."""
     (ckpt / rel).write_text(text)
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"][rel] = [(ckpt / rel).stat().st_size, sha256_file(ckpt / rel)]
-    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    rehash(ckpt, rel)
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_naming_the_last_good_checkpoint(dp_reference, tiny_data,
@@ -203,9 +207,9 @@ def test_damaged_newest_checkpoints_are_named_and_resume_falls_back(dp_reference
     kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert kept == [step_name(s) for s in (12, 15, 18)]
     newest, second, intact = (run / "checkpoints" / name for name in reversed(kept))
-    truncated = newest / "engine" / "state" / "mp_rank_00_model_states.pt"
+    truncated = newest / "model.safetensors"
     truncated.write_bytes(truncated.read_bytes()[:1000])
-    missing = second / "engine" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    missing = second / "rng" / "rank_00001.safetensors"
     missing.unlink()
 
     err = eval_error(newest, capsys)

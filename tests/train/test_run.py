@@ -62,7 +62,7 @@ def test_calm_trains_against_a_frozen_autoencoder(ae_run, tiny_data, tmp_path):
     assert_same_weights(frozen, final_weights(ae_run))                      # bit-identical after training
     assert not any(k.startswith(("ae_model.", "autoencoder.")) for k in load_file(str(ckpt / "model.safetensors")))
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["autoencoder"]["sha256"] and state["progress"]["step"] == 24
+    assert state["identity"]["autoencoder"]["weights_sha256"] and state["progress"]["step"] == 24
 
     out = calm_train("eval", str(run), "--max-tokens", "512")
     result = json.loads(out.stdout)

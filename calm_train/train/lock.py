@@ -1,0 +1,158 @@
+"""One run per run directory: RUN_DIR/.lock, taken by rank 0 before anything is written into RUN_DIR.
+
+The lock file is created with O_CREAT | O_EXCL (atomic on local and NFS v3+ file systems, so it works
+across nodes sharing RUN_DIR) and holds JSON: host, pid, Slurm job id, start time.  A daemon thread
+refreshes its mtime every `timeout / 10` seconds (the heartbeat).  A lock is stale when
+  - its holder ran on this host and its pid is gone (kill -9, a crash),
+  - it holds our own SLURM_JOB_ID (a requeued job: Slurm runs one instance of a job at a time),
+  - or its heartbeat is older than `train.lock_timeout` seconds (a holder on another node that died).
+A stale lock is renamed aside (of several recoverers, exactly one rename succeeds), checked to be the
+one judged stale, deleted, and taken anew.  A live lock stops the launch at once with RunDirBusy
+naming the holder.  `release` removes the lock if it is still ours; it runs on every exit path.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import socket
+import threading
+import time
+import uuid
+
+from calm_train.errors import UserError
+from calm_train.files import pid_alive
+
+LOCK_NAME = ".lock"
+
+
+class RunDirBusy(UserError):
+    """Another live launch holds the run directory."""
+
+
+def describe_holder(holder: dict) -> str:
+    job = holder.get("job_id")
+    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
+            f"{f', Slurm job {job}' if job else ''}, started {holder.get('started', '?')}")
+
+
+class RunLock:
+    def __init__(self, run_dir, timeout_s: float, log=print):
+        self.path = pathlib.Path(run_dir) / LOCK_NAME
+        self.timeout_s, self.log = timeout_s, log
+        self.token = uuid.uuid4().hex
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID"),
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "token": self.token}
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self._record()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def stale_reason(self, holder: dict, mtime: float) -> str | None:
+        """Why the lock of `holder` (its file's mtime `mtime`) may be taken over; None: it is live."""
+        age = time.time() - mtime
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+                and not pid_alive(holder["pid"]):
+            return f"its process {holder['pid']} on this host is gone"
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and holder.get("job_id") == job:
+            return f"it holds our own Slurm job id {job} (a requeued job)"
+        if age > self.timeout_s:
+            return f"its heartbeat stopped {age:.0f}s ago (train.lock_timeout={self.timeout_s:g})"
+        return None
+
+    def _read(self) -> tuple[dict, os.stat_result] | None:
+        try:
+            st = os.stat(self.path)
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(text)
+        except json.JSONDecodeError:
+            holder = {}                          # being written: only its heartbeat can make it stale
+        return (holder if isinstance(holder, dict) else {}), st
+
+    def acquire(self) -> None:
+        """Take the lock, recovering a stale one; RunDirBusy when a live launch holds it."""
+        for _ in range(5):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                created = self._create()
+            except OSError as err:
+                raise UserError(f"cannot create the lock {self.path}: {err.strerror or err}. Fix: make run_dir "
+                                "writable, or choose another run_dir") from err
+            if created:
+                self.held = True
+                self._start_heartbeat()
+                return
+            found = self._read()
+            if found is None:
+                continue                         # released meanwhile: try again
+            holder, st = found
+            reason = self.stale_reason(holder, st.st_mtime)
+            if reason is None:
+                raise RunDirBusy(
+                    f"{self.path.parent} is in use by another calm-train launch ({describe_holder(holder)}; "
+                    f"heartbeat {time.time() - st.st_mtime:.0f}s ago, {self.path}). Fix: wait for it to finish or "
+                    f"stop it, or use another run_dir; if that launch is dead on another node, delete {self.path} "
+                    f"(or wait train.lock_timeout={self.timeout_s:g}s)")
+            self._take_over(holder, st, reason)
+        raise RunDirBusy(f"{self.path}: could not take the lock (other launches keep taking it). Fix: launch one "
+                         "run per run_dir")
+
+    def _take_over(self, holder: dict, st: os.stat_result, reason: str) -> None:
+        aside = self.path.with_name(f"{LOCK_NAME}.stale-{self.token}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return                               # another recoverer won
+        if os.stat(aside).st_ino != st.st_ino:
+            # between our look and our rename another launch recovered it and took a fresh lock: give it back
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            os.unlink(aside)
+            return
+        os.unlink(aside)
+        self.log(f"took over the stale lock {self.path} of {describe_holder(holder)}: {reason}")
+
+    def _start_heartbeat(self) -> None:
+        interval = max(0.05, min(60.0, self.timeout_s / 10))
+
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass                         # a transient file-system error: the next beat retries
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=beat, name="calm-train-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        found = self._read()
+        if found is not None and found[0].get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+        self.held = False

@@ -1,0 +1,126 @@
+"""One run per run directory (calm_train/train/lock.py), with real processes.
+
+Two real launches on one run_dir: the second exits 1 at once naming the holder's host and pid, the first
+finishes with exactly one metrics row per step.  A lock whose holder was killed with kill -9, one that holds
+our own SLURM_JOB_ID (a requeued job) and one whose heartbeat stopped are taken over; live ones are not.
+"""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from runs import Job, calm_train, metrics, wait_gone  # noqa: E402
+
+from calm_train.train.lock import RunDirBusy, RunLock  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+HOLD = """
+import sys, time
+from calm_train.train.lock import RunLock
+RunLock(sys.argv[1], timeout_s=600).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def holder(run_dir: pathlib.Path, **env: str) -> subprocess.Popen:
+    """A real process that takes the lock of run_dir and keeps it."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(timeout=60)
+
+
+def test_second_launch_on_a_busy_run_dir_exits_at_once_naming_the_holder(tiny_data, tmp_path):
+    run = tmp_path / "ar"
+    args = ["train", "tiny_ar", f"run_dir={run}", f"data.train={tiny_data}", "train.steps=4", "train.save_every=2",
+            "logging.progress=false"]
+    first = Job(1, args, tmp_path / "first.log")
+    first.wait_for_step(run, 1)
+    os.kill(first.proc.pid, signal.SIGSTOP)               # hold it mid-run, lock and all
+    try:
+        second = calm_train(*args, check=False)
+        rows = metrics(run)
+    finally:
+        os.kill(first.proc.pid, signal.SIGCONT)
+    assert second.returncode == 1
+    line = next(x for x in second.stderr.splitlines() if "error:" in x)
+    assert f"{run} is in use by another calm-train launch (host {socket.gethostname()}, pid {first.proc.pid}" in line
+    assert "Fix:" in line and f"{run}/.lock" in line, line
+    assert first.wait() == 0, first.output()[-3000:]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]           # one row per step: nobody else wrote
+    assert metrics(run)[:len(rows)] == rows
+    assert not (run / ".lock").exists()                                # released at the end
+
+
+def test_a_killed_holders_lock_is_taken_over_and_a_live_one_is_not(tmp_path):
+    proc = holder(tmp_path)
+    with pytest.raises(RunDirBusy, match=f"host {socket.gethostname()}, pid {proc.pid}"):
+        RunLock(tmp_path, timeout_s=600).acquire()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    wait_gone(proc.pid)
+    logs = []
+    lock = RunLock(tmp_path, timeout_s=600, log=logs.append)
+    lock.acquire()
+    assert len(logs) == 1 and logs[0].startswith(f"took over the stale lock {tmp_path}/.lock of host "
+                                                 f"{socket.gethostname()}, pid {proc.pid}, started "), logs
+    assert logs[0].endswith(f"its process {proc.pid} on this host is gone"), logs
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".lock").exists() and not list(tmp_path.glob(".lock*"))
+
+
+def test_a_lock_of_our_own_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    """A requeued job runs again under the same SLURM_JOB_ID while its previous run's lock may still be there."""
+    proc = holder(tmp_path, SLURM_JOB_ID="4242")
+    try:
+        monkeypatch.setenv("SLURM_JOB_ID", "4243")
+        with pytest.raises(RunDirBusy, match="Slurm job 4242"):
+            RunLock(tmp_path, timeout_s=600).acquire()
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        logs = []
+        lock = RunLock(tmp_path, timeout_s=600, log=logs.append)
+        lock.acquire()
+        assert "it holds our own Slurm job id 4242 (a requeued job)" in logs[0]
+        lock.release()
+    finally:
+        stop(proc)
+
+
+def test_a_lock_without_heartbeat_is_taken_over_after_the_timeout(tmp_path):
+    """A holder on another node (its pid cannot be checked from here) that stopped refreshing the lock."""
+    lock_file = tmp_path / ".lock"
+    lock_file.write_text(json.dumps({"host": "another-node", "pid": 1, "job_id": None, "started": "then"}))
+    past = time.time() - 100
+    os.utime(lock_file, (past, past))
+    with pytest.raises(RunDirBusy, match="host another-node, pid 1"):
+        RunLock(tmp_path, timeout_s=600).acquire()
+    logs = []
+    lock = RunLock(tmp_path, timeout_s=30, log=logs.append)
+    lock.acquire()
+    assert logs[0].endswith("its heartbeat stopped 100s ago (train.lock_timeout=30)"), logs
+    lock.release()
+
+
+def test_the_heartbeat_refreshes_the_lock(tmp_path):
+    lock = RunLock(tmp_path, timeout_s=0.5)                # a beat every timeout / 10 = 0.05 s
+    lock.acquire()
+    past = time.time() - 100
+    os.utime(tmp_path / ".lock", (past, past))
+    time.sleep(0.5)
+    assert time.time() - (tmp_path / ".lock").stat().st_mtime < 0.4
+    lock.release()
