@@ -34,7 +34,8 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import json
     from calm_train.train.inference import evaluate_checkpoint
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, data=args.data, max_tokens=args.max_tokens, seed=args.seed)))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, data=args.data, max_tokens=args.max_tokens, seed=args.seed,
+                                         samples=args.samples, train_data=args.train_data)))
     return 0
 
 
@@ -53,6 +54,13 @@ def _convert(args) -> int:
 def _demo(args) -> int:
     from calm_train.demo import run_demo
     return run_demo(args.out)
+
+
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value}: the Brier estimates need >= 2 samples per position")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared data directory (default: the run's validation data)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=_at_least_two, default=None, metavar="S",
+                   help="CALM: head samples per position for the Brier estimates (U-statistic; default 2)")
+    p.add_argument("--train-data", default=None, metavar="DIR",
+                   help="CALM: prepared data whose training split is the real-chunk and marginal reference "
+                        "(default: the run's data.train)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="sample a continuation of a prompt")
