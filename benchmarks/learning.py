@@ -168,6 +168,36 @@ def evaluate(run_dir: pathlib.Path, samples: int | None, eval_tokens: int) -> li
     return rows
 
 
+def latent_stats(ae_dir: pathlib.Path, data: pathlib.Path, chunks: int = 4096) -> dict:
+    """The frozen autoencoder's latent on held-out chunks: information (KL to N(0, I), nats per chunk), posterior
+    std against the spread of the posterior means, and its geometry: the mean distance between the means of two
+    chunks that share their first token, and of two that share none of their K tokens, over random pairs."""
+    import numpy as np
+    import torch
+    from calm_train.data.shards import read_split
+    from calm_train.train.frozen_autoencoder import find_autoencoder, load_frozen_autoencoder
+    cache = ae_dir / "study_latent.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    ae = load_frozen_autoencoder(find_autoencoder(str(ae_dir)), torch.device("cpu"))
+    tokens = torch.from_numpy(read_split(data, "val").astype(np.int64)).view(-1, 4)[:chunks]
+    with torch.no_grad():
+        mean, log_std = ae.encode(tokens[None])
+    mean, std = mean[0], log_std[0].exp()
+    kl = (0.5 * (mean ** 2 + std ** 2 - 1) - std.log()).sum(-1)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(len(tokens), (2, 200_000), generator=g)
+    dist = (mean[a] - mean[b]).norm(dim=-1)
+    share_first = (tokens[a, 0] == tokens[b, 0]) & (tokens[a] != tokens[b]).any(-1)
+    share_none = (tokens[a] != tokens[b]).all(-1)
+    stats = {"kl_nats_per_chunk": float(kl.mean()), "posterior_std": float(std.mean()),
+             "mean_spread": float(mean.std(0).mean()), "distance_same_first_token": float(dist[share_first].mean()),
+             "distance_no_shared_token": float(dist[share_none].mean()), "latent_size": mean.shape[-1]}
+    stats["distance_ratio"] = stats["distance_same_first_token"] / stats["distance_no_shared_token"]
+    cache.write_text(json.dumps(stats, indent=1))
+    return stats
+
+
 def run_point(name: str, point: Point, work: pathlib.Path, samples: int, eval_tokens: int) -> dict:
     log: list = []
     data = prepared(work, point.corpus, point.vocab)
@@ -183,7 +213,8 @@ def run_point(name: str, point: Point, work: pathlib.Path, samples: int, eval_to
     ar = train("demo_ar", ar_dir, common_args + list(point.ar) + quarter_overrides(ar_steps), log)
     ae_eval = evaluate(ae_dir, None, eval_tokens)[-1]
     return {"name": name, "point": dataclasses.asdict(point), "data": str(data),
-            "autoencoder": {**ae, "recon_acc": ae_eval["recon_acc"]}, "calm_run": calm, "ar_run": ar,
+            "autoencoder": {**ae, "recon_acc": ae_eval["recon_acc"], "latent": latent_stats(ae_dir, data)},
+            "calm_run": calm, "ar_run": ar,
             "calm": evaluate(calm_dir, samples, eval_tokens), "ar": evaluate(ar_dir, None, eval_tokens)}
 
 
