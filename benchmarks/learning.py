@@ -60,6 +60,12 @@ POINTS: dict[str, Point] = {
     "demo_x4": dataclasses.replace(DEMO, calm_steps=2400, note="4x the demo's CALM steps"),
     "kl_0.1": dataclasses.replace(DEMO, ae=("model.ae.kl_weight=0.1",), note="AE KL weight 0.1 (lower-information latent)"),
     "v512": dataclasses.replace(DEMO, vocab=512, note="vocabulary 512 (shorter tokens: 4-token chunks repeat more)"),
+    "v512_kl1": dataclasses.replace(DEMO, vocab=512, ae=("model.ae.kl_weight=1.0",),
+                                    note="vocabulary 512, AE KL weight 1 (KL near its clamp: a smooth, low-information latent)"),
+    "docs_kl0.1_x6": dataclasses.replace(DEMO, corpus="package_docs", ae=("model.ae.kl_weight=0.1",), calm_steps=3600,
+                                         note="6x the demo's CALM steps on the 20 MB documentation corpus, AE KL 0.1"),
+    "docs_kl1_x6": dataclasses.replace(DEMO, corpus="package_docs", ae=("model.ae.kl_weight=1.0",), calm_steps=3600,
+                                       note="6x the demo's CALM steps on the 20 MB documentation corpus, AE KL 1"),
 }
 
 
