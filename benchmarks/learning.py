@@ -64,9 +64,19 @@ POINTS: dict[str, Point] = {
                                     note="vocabulary 512, AE KL weight 1 (KL near its clamp: a smooth, low-information latent)"),
     "docs_kl0.1_x6": dataclasses.replace(DEMO, corpus="package_docs", ae=("model.ae.kl_weight=0.1",), calm_steps=3600,
                                          note="6x the demo's CALM steps on the 20 MB documentation corpus, AE KL 0.1"),
-    "docs_kl1_x6": dataclasses.replace(DEMO, corpus="package_docs", ae=("model.ae.kl_weight=1.0",), calm_steps=3600,
-                                       note="6x the demo's CALM steps on the 20 MB documentation corpus, AE KL 1"),
 }
+DOCS_X6 = POINTS["docs_kl0.1_x6"]
+POINTS.update({
+    "docs_x6": dataclasses.replace(DOCS_X6, ae=(), note="as docs_kl0.1_x6 with the demo's autoencoder (KL weight 1e-3)"),
+    "docs_kl0.1_x6_wide": dataclasses.replace(
+        DOCS_X6, calm=("model.backbone.hidden_size=256", "model.backbone.intermediate_size=512", "model.backbone.num_heads=8"),
+        note="as docs_kl0.1_x6 with a backbone of width 256 (head width follows)"),
+    "docs_kl0.1_x6_head": dataclasses.replace(
+        DOCS_X6, calm=("model.head.num_blocks=4", "model.head.noise_size=64"),
+        note="as docs_kl0.1_x6 with the paper's energy head depth and noise size (4 blocks, noise 64)"),
+    "docs_kl0.1_x24": dataclasses.replace(DOCS_X6, calm_steps=14400,
+                                          note="24x the demo's CALM steps (14.7M tokens) on the documentation corpus"),
+})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,30 +254,48 @@ def table_rows(results: list[dict]) -> list[dict]:
 
 
 def plot(results: list[dict], path: pathlib.Path) -> None:
+    """BrierLM of CALM and AR, their ratio, Brier-1, CALM's energy position and real-chunk fraction vs FLOPs.
+    Error bars are 2 standard errors; hollow markers: a Brier-n within 2 SE of 0 (BrierLM's error unreliable)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.6))
+    drawn_ar = set()
     for i, r in enumerate(results):
         color = f"C{i % 10}"
-        for key, ax in (("brierlm", axes[0]), ("brier1", axes[1])):
-            for rows, style, label in ((r["calm"], "-o", f"CALM {r['name']}"), (r["ar"], ":s", f"AR ({r['name']})")):
-                ax.errorbar([x["flops"] for x in rows], [x[key] for x in rows], yerr=[2 * x[f"{key}_se"] for x in rows],
-                            fmt=style, color=color, label=label, capsize=2, markersize=4)
-        axes[2].errorbar([x["flops"] for x in r["calm"]], [x["energy_position"] for x in r["calm"]],
-                         yerr=[2 * x["energy_position_se"] for x in r["calm"]], fmt="-o", color=color, label=r["name"],
+        curves = [(r["calm"], "-", "o", f"CALM {r['name']}")]
+        if r["ar_run"]["command"] not in drawn_ar:                 # points sharing an AR run draw it once
+            drawn_ar.add(r["ar_run"]["command"])
+            curves.append((r["ar"], ":", "s", f"AR ({r['name']})"))
+        for rows, line, marker, label in curves:
+            x = [row["flops"] for row in rows]
+            for key, ax, floor in (("brierlm", axes[0], 1e-4), ("brier1", axes[2], None)):
+                y = [max(row[key], floor) if floor else row[key] for row in rows]
+                ax.errorbar(x, y, yerr=[2 * row[f"{key}_se"] for row in rows], linestyle=line, color=color,
+                            label=label, capsize=2)
+                for xi, yi, row in zip(x, y, rows):
+                    ax.plot(xi, yi, marker, color=color, markersize=5,
+                            markerfacecolor="none" if row["brier_near_zero"] else color)
+        ratio = [c["brierlm"] / a["brierlm"] if a["brierlm"] > 0 else float("nan") for c, a in zip(r["calm"], r["ar"])]
+        axes[1].plot([c["flops"] for c in r["calm"]], [max(v, 1e-5) for v in ratio], "-o", color=color, label=r["name"])
+        axes[3].errorbar([c["flops"] for c in r["calm"]], [c["energy_position"] for c in r["calm"]],
+                         yerr=[2 * c["energy_position_se"] for c in r["calm"]], fmt="-o", color=color, label=r["name"],
                          capsize=2, markersize=4)
-        axes[3].plot([x["flops"] for x in r["calm"]], [x["real_chunk_fraction"] for x in r["calm"]], "-o",
-                     color=color, label=r["name"], markersize=4)
-    titles = ("held-out BrierLM (x100), +-2 SE", "held-out Brier-1, +-2 SE",
-              "energy: 0 = random-chunk marginal, 1 = true-chunk oracle", "decoded CALM samples that are real chunks")
+        axes[4].plot([c["flops"] for c in r["calm"]], [c["real_chunk_fraction"] for c in r["calm"]], "-o", color=color,
+                     label=r["name"], markersize=4)
+    axes[1].axhline(0.25, color="gray", linestyle="--", label="25% of AR")
+    titles = ("held-out BrierLM (x100, log; floor 1e-4)", "CALM BrierLM / AR BrierLM at equal FLOPs (log)",
+              "held-out Brier-1", "energy: 0 = random-chunk marginal, 1 = true-chunk oracle",
+              "decoded CALM samples that are real chunks")
     for ax, title in zip(axes, titles):
         ax.set(xscale="log", xlabel="training FLOPs", title=title)
         ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
     axes[0].legend(fontsize=6, ncol=2)
-    axes[2].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
