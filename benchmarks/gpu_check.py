@@ -1,32 +1,33 @@
-"""One-GPU check of the project's own code: attention numerics, CALM-M / Transformer-M training steps, energy loss.
+"""One-GPU check: flash-attn-4 against SDPA, and training steps of today's settings against the speed switches.
 
-    python benchmarks/gpu_check.py [--out DIR] [--smoke]
+    python benchmarks/gpu_check.py [--out DIR] [--smoke] [--only SECTION ...] [--no-ladder] [--no-profile]
 
 Sections (each guarded: one failure is recorded and the next still runs; each prints its result and
-writes DIR/<section>.json as soon as it ends):
+writes DIR/<section>.json as soon as it ends; DIR/summary.json and DIR/table.txt at the end):
 
   env        versions, device, the measured bf16 GEMM peaks (calm_train.train.flops.measure_peak_flops,
              and a large 8192^3 product timed with events)
-  attention  the project's core attention (SDPACoreAttention, [S, B, H, D]) with torch's own SDPA choice
-             (sdpa-default: what the model runs when flash_attn is absent) and each forced SDPA backend, vs
+  attention  the project's core attention ([S, B, H, D]): flash-attn-4 (FlashCoreAttention, first call =
+             its kernel compilation, timed apart), torch's own SDPA choice and each forced SDPA backend, vs
              SDPA-MATH in fp32 on the upcast inputs: max |err| and ||err|| / ||ref|| of the output and of
-             dq, dk, dv; forward and forward+backward times
-  calm_step  bf16 CALM-M optimizer step through calm_train.parallel.engine.TrainEngine (DeepSpeed) with a
-             random frozen autoencoder of the paper's size: step time, tokens/s, MFU, peak memory
-  ar_step    the same for the Transformer-M baseline at 2048 tokens
+             dq, dk, dv; forward and forward+backward times; plus a decode step (16 new queries over a cache)
+             and grouped-query attention (4 query heads per k/v head) against the same fp32 reference
+  steps      CALM-M and Transformer-M training steps through TrainEngine (DeepSpeed ZeRO-1, bf16 with fp32
+             master weights): baseline (today's settings) and optimised (every speed switch) for both,
+             then the ladder (baseline + one switch each) for CALM-M; tokens/s, MFU against the 989 TFLOP/s
+             spec and the measured GEMM peak, peak memory, the losses of the first steps and their largest
+             relative difference from the baseline's (gpu_steps.py); for the CALM-M baseline and optimised
+             runs a torch.profiler breakdown by module (profile_step.py)
   energy     the project's energy_score vs a naive one that materialises [B, T, N, M, D]: memory, time, error
 
-MFU = train_flops_per_token x tokens/s / peak, against the H200's dense bf16 spec (989 TFLOP/s) and the
-two measured peaks.  --smoke runs the same code with tiny sizes on CPU (fp32); GPU-only numbers
-(memory, MFU vs the spec) are null there.  --plain measures the steps without the engine.
+MFU = train_flops_per_token x tokens/s / peak.  --smoke runs the same code with tiny sizes on CPU (fp32;
+the flash rows then say why flash cannot run); GPU-only numbers (memory, MFU vs the spec) are null there.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
-import math
 import os
 import pathlib
 import platform
@@ -34,48 +35,40 @@ import statistics
 import sys
 import time
 import traceback
-import types
 
+import common  # first: it sets the environment (DS_ACCELERATOR=cpu without CUDA) before DeepSpeed is imported
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")      # before anything imports deepspeed
+import gpu_steps
+from common import sync
+from gpu_steps import GIB, peak_gib, reset_memory, step_config
 
-from calm_train.config import load_config                                   # noqa: E402
-from calm_train.models.autoencoder import Autoencoder                       # noqa: E402
-from calm_train.models.rng import SampleRNG, sample_seeds                   # noqa: E402
-from calm_train.parallel import runtime                                     # noqa: E402
-from calm_train.train.flops import measure_peak_flops, train_flops_per_token  # noqa: E402
-
-H200_BF16_DENSE_PEAK = 989e12
-GIB = 2 ** 30
+from calm_train.parallel import runtime
+from calm_train.train.flops import measure_peak_flops
 
 # Full sizes are the paper's (calm_m.yaml, transformer_m.yaml, Llama 3 vocabulary); smoke sizes run on 2 CPU cores.
+# micro x accumulation is today's setting (the baseline); micro_search the candidates of the optimised runs.
 SIZES = {
-    "full": dict(vocab=128256, calm_seq=8192, ar_seq=2048, micro=(4, 2, 1), accumulation=4, warmup=2, steps=5,
-                 attn=dict(B=4, H=16, S=2048, D=64), attn_iters=20, energy_iters=10, gemm=8192, overrides=[],
-                 calm_overrides=[]),
-    "smoke": dict(vocab=512, calm_seq=64, ar_seq=32, micro=(2,), accumulation=2, warmup=1, steps=2,
-                  attn=dict(B=1, H=2, S=64, D=16), attn_iters=2, energy_iters=2, gemm=256,
+    "full": dict(vocab=128256, calm_seq=8192, ar_seq=2048, micro=4, accumulation=4, micro_search=(16, 8, 4),
+                 warmup=2, steps=5, attn=dict(B=4, H=16, S=2048, D=64), attn_iters=20, energy_iters=10, gemm=8192,
+                 profile_steps=2, overrides=[], calm_overrides=[]),
+    "smoke": dict(vocab=512, calm_seq=64, ar_seq=32, micro=2, accumulation=2, micro_search=(4, 2), warmup=1, steps=2,
+                  attn=dict(B=1, H=2, S=64, D=16), attn_iters=2, energy_iters=2, gemm=256, profile_steps=1,
                   overrides=["model.backbone.hidden_size=64", "model.backbone.intermediate_size=128",
                              "model.backbone.num_layers=2", "model.backbone.num_heads=4"],
                   calm_overrides=["model.ae.hidden_size=32", "model.ae.intermediate_size=64", "model.ae.latent_size=16",
                                   "model.head.num_blocks=2", "model.head.noise_size=16",
                                   "model.head.num_target_samples=10"]),
 }
+MODELS = {"calm_m": "CALM-M", "transformer_m": "Transformer-M"}
 
 
-REPORT: list[str] = []      # every result line, printed as it comes and again as the final table
+REPORT: list[str] = []      # every result line, printed as it comes and again at the end
 
 
 def report(line: str) -> None:
-    print(line)
+    print(line, flush=True)
     REPORT.append(line)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_ms(fn, device: torch.device, iters: int, warmup: int = 2) -> dict:
@@ -99,20 +92,6 @@ def time_ms(fn, device: torch.device, iters: int, warmup: int = 2) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
 
 
-def reset_memory(device: torch.device) -> float | None:
-    """Start a peak-memory window; returns GiB allocated now (None on CPU: not tracked)."""
-    gc.collect()
-    if device.type != "cuda":
-        return None
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device) / GIB
-
-
-def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-
-
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict:
     out, ref = out.detach().double(), ref.detach().double()
     diff = out - ref
@@ -124,7 +103,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict:
 def section_env(device: torch.device, size: dict) -> dict:
     import importlib.metadata as md
     versions = {}
-    for name in ("torch", "megatron-core", "deepspeed", "pydantic", "numpy", "triton", "transformers", "flash-attn"):
+    for name in ("torch", "megatron-core", "deepspeed", "pydantic", "numpy", "triton", "transformers", "flash-attn-4",
+                 "nvidia-cutlass-dsl"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -150,178 +130,177 @@ def section_env(device: torch.device, size: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-def section_attention(device: torch.device, size: dict) -> dict:
+def attention_cores(device: torch.device, dtype: torch.dtype, H: int, D: int, kv_heads: int | None = None):
+    """(SDPACoreAttention, FlashCoreAttention or None, why flash cannot run) for H heads of size D."""
     from megatron.core.transformer.enums import AttnMaskType
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from calm_train.config import BackboneArch
-    from calm_train.models.attention import SDPACoreAttention, flash_unavailable_reason
+    from calm_train.models.attention import FlashCoreAttention, SDPACoreAttention, flash_unavailable_reason
     from calm_train.models.backbone import transformer_config
+    arch = BackboneArch(hidden_size=H * D, intermediate_size=4 * H * D, num_layers=1, num_heads=H,
+                        num_kv_heads=kv_heads)
+    config = transformer_config(arch, tp=1, pp=1, dtype=dtype)
+    make = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    reason = flash_unavailable_reason(dtype, D)
+    flash = FlashCoreAttention(**make).to(device) if reason is None else None
+    return SDPACoreAttention(**make).to(device), flash, reason
+
+
+def section_attention(device: torch.device, size: dict) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     B, H, S, D = (size["attn"][k] for k in "BHSD")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    arch = BackboneArch(hidden_size=H * D, intermediate_size=4 * H * D, num_layers=1, num_heads=H)
-    core = SDPACoreAttention(transformer_config(arch, tp=1, pp=1, dtype=dtype), layer_number=1,
-                             attn_mask_type=AttnMaskType.causal, attention_type="self").to(device)
+    sdpa, flash, reason = attention_cores(device, dtype, H, D)
     gen = torch.Generator(device="cpu").manual_seed(0)
     q_SBHD, k_SBHD, v_SBHD, dout_SBHD = (torch.randn(S, B, H, D, generator=gen).to(device, dtype) for _ in range(4))
     dout_SBX = dout_SBHD.flatten(2)
 
-    def run(inputs):
+    def run(core, inputs):
         leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
         out_SBX = core(*leaves, None)
         out_SBX.backward(dout_SBX.to(out_SBX.dtype))
         return out_SBX, [x.grad for x in leaves]
 
     with sdpa_kernel(SDPBackend.MATH):
-        ref_out, ref_grads = run([x.float() for x in (q_SBHD, k_SBHD, v_SBHD)])
+        ref_out, ref_grads = run(sdpa, [x.float() for x in (q_SBHD, k_SBHD, v_SBHD)])
     flops_fwd = 4 * B * H * S * S * D / 2          # two [S, S] products, causal half
-    backends = {"sdpa-default": None, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
-                "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-                f"sdpa-math-{str(dtype)[6:]}": SDPBackend.MATH}
+    rows = {"flash-attn-4": (flash, None)}
+    rows.update({"sdpa-default": (sdpa, None), "sdpa-flash": (sdpa, SDPBackend.FLASH_ATTENTION),
+                 "sdpa-efficient": (sdpa, SDPBackend.EFFICIENT_ATTENTION), "sdpa-cudnn": (sdpa, SDPBackend.CUDNN_ATTENTION),
+                 f"sdpa-math-{str(dtype)[6:]}": (sdpa, SDPBackend.MATH)})
     out = {"shape_SBHD": [S, B, H, D], "dtype": str(dtype), "reference": "SDPA MATH, float32, upcast inputs",
-           "flash_attn": flash_unavailable_reason(dtype) or "available", "backends": {}}
-    for name, backend in backends.items():
+           "flash_attn_4": reason or "available", "backends": {}}
+    for name, (core, backend) in rows.items():
         try:
+            if core is None:
+                raise RuntimeError(f"flash cannot run here: {reason}")
             with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-                o, grads = run((q_SBHD, k_SBHD, v_SBHD))
-                row = {"out": rel_err(o, ref_out)}
+                t0 = time.perf_counter()
+                o, grads = run(core, (q_SBHD, k_SBHD, v_SBHD))
+                sync(device)
+                row = {"first_call_s": time.perf_counter() - t0, "out": rel_err(o, ref_out)}
                 row.update({f"d{n}": rel_err(g, r) for n, g, r in zip("qkv", grads, ref_grads)})
                 with torch.no_grad():
                     row["fwd"] = time_ms(lambda: core(q_SBHD, k_SBHD, v_SBHD, None), device, size["attn_iters"])
-                row["fwd_bwd"] = time_ms(lambda: run((q_SBHD, k_SBHD, v_SBHD)), device, size["attn_iters"])
+                row["fwd_bwd"] = time_ms(lambda: run(core, (q_SBHD, k_SBHD, v_SBHD)), device, size["attn_iters"])
             row["fwd_tflops"] = flops_fwd / row["fwd"]["median_ms"] / 1e9
             row["fwd_bwd_tflops"] = 3.5 * flops_fwd / row["fwd_bwd"]["median_ms"] / 1e9
             report(f"[attention] {name:17s} out rel {row['out']['rel']:.2e} max {row['out']['max_abs']:.2e}  "
-                   f"dq rel {row['dq']['rel']:.2e}  fwd {row['fwd']['median_ms']:.3f} ms  "
-                   f"fwd+bwd {row['fwd_bwd']['median_ms']:.3f} ms ({row['fwd_bwd_tflops']:.4g} TFLOP/s)")
+                   f"dq rel {row['dq']['rel']:.2e} dk {row['dk']['rel']:.2e} dv {row['dv']['rel']:.2e}  "
+                   f"fwd {row['fwd']['median_ms']:.3f} ms  fwd+bwd {row['fwd_bwd']['median_ms']:.3f} ms "
+                   f"({row['fwd_bwd_tflops']:.4g} TFLOP/s)  first call {row['first_call_s']:.2f} s")
         except Exception as exc:                              # noqa: BLE001 - a backend may not exist here
-            row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
-            report(f"[attention] {name:17s} unavailable: {row['error'][:120]}")
+            row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+            report(f"[attention] {name:17s} unavailable: {row['error'][:160]}")
         out["backends"][name] = row
+    out["cases"] = attention_cases(device, dtype, size)
+    return out
+
+
+def attention_cases(device: torch.device, dtype: torch.dtype, size: dict) -> dict:
+    """A decode step (16 new queries at positions S-16.. over S cached keys, the KV-cache path) and GQA
+    (H/4 k/v heads), forward only, flash-attn-4 and SDPA against SDPA-MATH in fp32 with the explicit mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B, H, S, D = (size["attn"][k] for k in "BHSD")
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    out = {}
+    for case, kv_heads, new in (("decode", H, 16), ("gqa", max(1, H // 4), S)):
+        sdpa, flash, reason = attention_cores(device, dtype, H, D, kv_heads)
+        q = torch.randn(new, B, H, D, generator=gen).to(device, dtype)
+        k, v = (torch.randn(S, B, kv_heads, D, generator=gen).to(device, dtype) for _ in range(2))
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            ref = sdpa.attend(q.float(), k.float(), v.float(), S - new)
+        rows = {}
+        for name, core in (("flash-attn-4", flash), ("sdpa-default", sdpa)):
+            if core is None:
+                rows[name] = {"error": f"flash cannot run here: {reason}"}
+                continue
+            try:
+                with torch.no_grad():
+                    rows[name] = rel_err(core.attend(q, k, v, S - new), ref)
+            except Exception as exc:                          # noqa: BLE001 - recorded
+                rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+        out[case] = {"q_SBHD": list(q.shape), "kv_SBHD": list(k.shape), **rows}
+        report(f"[attention] {case:6s} " + "  ".join(
+            f"{n}: " + (f"rel {r['rel']:.2e} max {r['max_abs']:.2e}" if "rel" in r else r["error"][:80])
+            for n, r in rows.items()))
     return out
 
 
 # ------------------------------------------------------------------------------------------------
-def step_config(name: str, size: dict, micro: int, device: torch.device):
-    kind_overrides, seq = [], size["ar_seq"]
-    if name == "calm_m":     # the AE is built in place (random, frozen): the path is never read
-        kind_overrides, seq = ["model.autoencoder=random-frozen", *size["calm_overrides"]], size["calm_seq"]
-    return load_config(name, [f"model.vocab_size={size['vocab']}", f"data.seq_len={seq}", f"train.micro_batch={micro}",
-                              f"train.global_batch={micro * size['accumulation']}", "train.warmup_steps=0",
-                              f"train.dtype={'bf16' if device.type == 'cuda' else 'fp32'}",
-                              *size["overrides"], *kind_overrides])
+def section_steps(device: torch.device, size: dict, peaks: dict, out_dir: pathlib.Path, ladder: bool,
+                  profile: bool) -> dict:
+    """Baseline and optimised for both models first (the side-by-side table), then CALM-M's ladder."""
+    import profile_step
+
+    def profiler(engine, batch, first_step):
+        result = profile_step.profile_steps(engine, batch, first_step, size["profile_steps"])
+        REPORT.append(profile_step.print_profile(result, f"[profile] {engine.cfg.model.kind}"))
+        return result
+
+    jobs = [(model, variant) for variant in ("baseline", "optimised") for model in MODELS]
+    jobs += [("calm_m", variant) for variant in gpu_steps.variants(ladder) if variant not in ("baseline", "optimised")]
+    plans = gpu_steps.variants(ladder)
+    results: dict = {model: {} for model in MODELS}
+    for model, variant in jobs:
+        overrides, search = plans[variant]
+        with_profile = profile and model == "calm_m" and variant in ("baseline", "optimised")
+        row = gpu_steps.run_variant(model, variant, overrides, search, device, size, peaks,
+                                    profile=profiler if with_profile else None)
+        if variant != "baseline":
+            row.update(gpu_steps.compare_losses(row, results[model].get("baseline", {})))
+        results[model][variant] = row
+        report(step_line(MODELS[model], row))
+        if variant == "optimised" and "error" in row:
+            for fallback, fallback_overrides in gpu_steps.FALLBACKS.items():
+                row = gpu_steps.run_variant(model, fallback, fallback_overrides, True, device, size, peaks)
+                row.update(gpu_steps.compare_losses(row, results[model].get("baseline", {})))
+                results[model][fallback] = row
+                report(step_line(MODELS[model], row))
+                if "error" not in row:
+                    break
+        (out_dir / "steps.json").write_text(json.dumps(results, indent=1, default=str))
+    return results
 
 
-class PlainAdamW:
-    """Fallback when the DeepSpeed engine is missing or fails: the task's model with torch AdamW, no master weights."""
-
-    def __init__(self, cfg, task, device: torch.device, dtype: torch.dtype):
-        from calm_train.parallel.engine import param_groups
-        self.cfg, self.task, self.device = cfg, task, device
-        self.model = task.build_model(cfg, params_dtype=dtype).to(device)
-        t = cfg.train
-        self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
-                                     betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-
-    def train_step(self, tokens_BL: torch.Tensor, sample_ids: torch.Tensor, step: int):
-        micro = self.cfg.train.micro_batch
-        losses = []
-        for tokens, ids in zip(tokens_BL.to(self.device).split(micro), sample_ids.split(micro)):
-            rng = SampleRNG(sample_seeds(self.cfg.train.seed, step, ids), self.device)
-            loss = self.task.loss(self.model, tokens, rng) / (tokens_BL.shape[0] // micro)
-            loss.backward()
-            losses.append(float(loss.detach()))
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return types.SimpleNamespace(loss=sum(losses), grad_norm=float(norm))
+def step_line(model: str, row: dict) -> str:
+    head = f"[steps] {model:13s} {row['variant']:13s}"
+    if "error" in row:
+        return f"{head} FAILED: {row['error'][:240]}"
+    diff = row.get("loss_rel_diff_max")
+    same = "" if diff is None else f"  loss vs baseline max rel {diff:.2e} ({'ok' if row['loss_within_tolerance'] else 'OVER'} " \
+                                   f"{row['loss_tolerance']:.0e})"
+    return (f"{head} micro {row['micro_batch']} x {row['accumulation']}  step {row['step_s'] * 1e3:.1f} ms  "
+            f"{row['tokens_per_s']:,.0f} tok/s  MFU spec {percent(row['mfu_vs_spec_989'])} GEMM "
+            f"{percent(row['mfu_vs_gemm_large'])}  peak {fmt_gib(row['peak_memory_gib'])}  first steps "
+            f"{[round(x, 1) for x in row['first_steps_s']]} s  losses {[round(x, 4) for x in row['losses']]}{same}\n"
+            f"        {row['engine']}")
 
 
-def engine_trainer(cfg, task, device: torch.device):
-    from calm_train.parallel.engine import TrainEngine, build_world
-    return TrainEngine(cfg, task, build_world(cfg)), f"TrainEngine (DeepSpeed ZeRO-{cfg.parallel.zero_stage})"
+def side_by_side(steps: dict) -> list[dict]:
+    rows = []
+    for model, label in MODELS.items():
+        for variant, row in steps.get(model, {}).items():
+            rows.append({"model": label, "variant": variant, "micro": None if "error" in row else
+                         f"{row['micro_batch']} x {row['accumulation']}",
+                         "attention": None if "error" in row else row["engine"].split(" ")[1],
+                         "step_ms": row["step_s"] * 1e3 if "step_s" in row else None,
+                         "tokens_per_s": row.get("tokens_per_s"),
+                         "mfu_spec": row.get("mfu_vs_spec_989"), "mfu_gemm": row.get("mfu_vs_gemm_large"),
+                         "peak_gib": row.get("peak_memory_gib"), "loss1": (row.get("losses") or [None])[0],
+                         "loss_diff": row.get("loss_rel_diff_max"), "error": row.get("error")})
+    return rows
 
 
-def plain_trainer(cfg, task, device: torch.device):
-    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-    return PlainAdamW(cfg, task, device, dtype), "plain model + torch.optim.AdamW (no master weights)"
-
-
-def section_step(name: str, device: torch.device, size: dict, peaks: dict) -> dict:
-    """The engine's step at the largest micro-batch that fits; if the engine fails (build or step), the
-    plain model + AdamW at that micro-batch, labelled, with the engine's error kept in the result."""
-    from calm_train.train.tasks import task_for
-    errors, engine_error = [], None
-    makers = (plain_trainer,) if size["plain"] else (engine_trainer, plain_trainer)
-    for micro in size["micro"]:
-        for make in makers:
-            if make is not makers[0] and engine_error is None:
-                break
-            cfg = step_config(name, size, micro, device)
-            m = cfg.model
-            before_build = reset_memory(device)
-            runtime.init_distributed(tp=1, pp=1, seed=cfg.train.seed)
-            autoencoder = trainer = None
-            if m.kind == "calm":   # random frozen AE of the configured (paper's) size, fp32 as load_frozen_autoencoder
-                autoencoder = Autoencoder(m.ae, m.vocab_size, m.patch_size).requires_grad_(False).eval().to(device)
-            try:
-                trainer, label = make(cfg, task_for(cfg, autoencoder), device)
-                out = run_steps(name, cfg, trainer, label, device, size, peaks, before_build)
-                return dict(out, engine_error=engine_error, oom=errors)
-            except torch.cuda.OutOfMemoryError as exc:
-                errors.append(f"{make.__name__} micro_batch {micro}: out of memory: {str(exc).splitlines()[0]}")
-                print(f"[{name}] {errors[-1]}; trying a smaller micro-batch")
-                break
-            except Exception as exc:                          # noqa: BLE001 - measured anyway, labelled
-                if make is not engine_trainer:
-                    raise
-                traceback.print_exc()
-                engine_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                report(f"[{name}] TrainEngine failed ({engine_error}); measuring the plain model + torch AdamW")
-            finally:
-                trainer = autoencoder = None
-                reset_memory(device)
-    raise RuntimeError(f"{name}: no micro-batch in {size['micro']} fits: {errors}")
-
-
-def run_steps(name: str, cfg, trainer, label: str, device: torch.device, size: dict, peaks: dict,
-              before_build: float) -> dict:
-    t, seq = cfg.train, cfg.data.seq_len
-    gen = torch.Generator().manual_seed(0)
-    tokens_BL = torch.randint(0, cfg.model.vocab_size, (t.global_batch, seq), generator=gen)
-    sample_ids = torch.arange(t.global_batch)
-    after_build = reset_memory(device)
-    losses, times = [], []
-    for step in range(1, size["warmup"] + size["steps"] + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        result = trainer.train_step(tokens_BL, sample_ids, step)
-        sync(device)
-        if step > size["warmup"]:
-            times.append(time.perf_counter() - t0)
-        losses.append(float(result.loss))
-    step_s = statistics.median(times)
-    tokens_per_s = t.global_batch * seq / step_s
-    flops_per_token = train_flops_per_token(cfg.model, seq)
-    achieved = flops_per_token * tokens_per_s
-    peak = peak_gib(device)
-    out = {"trainer": label, "kind": cfg.model.kind, "seq_len": seq, "micro_batch": t.micro_batch,
-           "global_batch": t.global_batch, "accumulation": t.global_batch // t.micro_batch,
-           "dtype": t.dtype, "attention": cfg.model.attention, "step_s_median": step_s, "step_s_all": times,
-           "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token, "achieved_tflops": achieved / 1e12,
-           "mfu_vs_spec_989": achieved / H200_BF16_DENSE_PEAK if device.type == "cuda" else None,
-           "allocated_before_build_gib": before_build, "allocated_after_build_gib": after_build,
-           "peak_memory_gib": peak, "peak_memory_this_model_gib": None if peak is None else peak - before_build,
-           "losses": losses, "losses_finite": all(math.isfinite(x) for x in losses),
-           "params": sum(p.numel() for p in trainer.model.parameters())}
-    for key in ("peak_measure_peak_flops", "peak_gemm_large"):
-        out[f"mfu_vs_{key[5:]}"] = achieved / peaks[key] if key in peaks else None
-    mfu, measured = out["mfu_vs_spec_989"], out["mfu_vs_gemm_large"]
-    report(f"[{name}] {label}: micro {t.micro_batch} x {out['accumulation']}  step {step_s * 1e3:.1f} ms  "
-           f"{tokens_per_s:,.0f} tok/s  {flops_per_token / 1e9:.3f} GFLOP/tok  MFU vs spec {percent(mfu)}, vs "
-           f"{size['gemm']}^3 GEMM {percent(measured)}  peak mem {fmt_gib(peak)}  losses {[round(x, 4) for x in losses]}")
-    return out
+def print_side_by_side(rows: list[dict]) -> str:
+    return common.print_table(rows, [
+        ("model", "model", "s"), ("variant", "variant", "s"), ("micro", "micro x acc", "s"),
+        ("attention", "attention", "s"), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
+        ("mfu_spec", "MFU 989", ".1%"), ("mfu_gemm", "MFU GEMM", ".1%"), ("peak_gib", "peak GiB", ".1f"),
+        ("loss1", "loss@1", ".5f"), ("loss_diff", "max rel dloss", ".1e"), ("error", "error", "s")],
+        title=f"baseline vs optimised (loss: max over the first steps of |loss - baseline| / baseline, "
+              f"tolerance {gpu_steps.LOSS_TOLERANCE:.0e})")
 
 
 def percent(x: float | None) -> str:
@@ -346,7 +325,7 @@ def naive_energy_score(samples_BTND: torch.Tensor, targets_BTMD: torch.Tensor, b
 
 def section_energy(device: torch.device, size: dict) -> dict:
     from calm_train.models.energy import energy_score
-    cfg = step_config("calm_m", size, size["micro"][0], device)
+    cfg = step_config("calm_m", size, size["micro"], [], device)
     h = cfg.model.head
     B, T, N, M, D = cfg.train.micro_batch, cfg.data.seq_len // cfg.model.patch_size - 1, h.num_samples, \
         h.num_target_samples, cfg.model.ae.latent_size
@@ -391,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out/gpu_check")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU test of every code path)")
     parser.add_argument("--only", nargs="*", default=None, help="sections to run (default: all)")
-    parser.add_argument("--plain", action="store_true", help="step sections: plain model + AdamW, no engine")
+    parser.add_argument("--no-ladder", action="store_true", help="steps: baseline and optimised only")
+    parser.add_argument("--no-profile", action="store_true", help="steps: no torch.profiler breakdown")
     args = parser.parse_args(argv)
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = dict(SIZES["smoke" if args.smoke else "full"], plain=args.plain)
+    size = SIZES["smoke" if args.smoke else "full"]
     device = runtime.pick_device()[0]
     if device.type != "cuda" and not args.smoke:
         print("gpu_check: no CUDA device; run with --smoke on CPU")
@@ -405,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     with runtime.single_process(seed=0):
         sections = {"env": lambda: section_env(device, size),
                     "attention": lambda: section_attention(device, size),
-                    "calm_step": lambda: section_step("calm_m", device, size, results["env"]),
-                    "ar_step": lambda: section_step("transformer_m", device, size, results["env"]),
+                    "steps": lambda: section_steps(device, size, results["env"], out_dir, not args.no_ladder,
+                                                   not args.no_profile),
                     "energy": lambda: section_energy(device, size)}
         for name, fn in sections.items():
             if args.only is not None and name not in args.only and name != "env":
@@ -421,15 +401,15 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["section_s"] = time.perf_counter() - t0
             (out_dir / f"{name}.json").write_text(json.dumps(results[name], indent=1, default=str))
             reset_memory(device)
-    calm, ar = results.get("calm_step", {}), results.get("ar_step", {})
-    if "tokens_per_s" in calm and "tokens_per_s" in ar:
-        report(f"[compare] CALM-M / Transformer-M training tokens/s: {calm['tokens_per_s'] / ar['tokens_per_s']:.2f}x "
-               f"({calm['seq_len']} vs {ar['seq_len']} tokens per sequence)")
     results["wall_s"] = time.perf_counter() - start
+    table = print_side_by_side(side_by_side(results.get("steps", {}))) if "steps" in results else ""
+    results["table"] = table
     (out_dir / "summary.json").write_text(json.dumps(results, indent=1, default=str))
-    print("\n== gpu_check summary ==\n" + "\n".join(REPORT))
+    (out_dir / "table.txt").write_text(table + "\n")
+    print("\n== gpu_check summary ==\n" + "\n".join(REPORT) + "\n" + table)
     print(f"gpu_check: {results['wall_s']:.0f} s, results in {out_dir}")
-    return 1 if any(isinstance(v, dict) and "error" in v for v in results.values()) else 0
+    failed = [name for name, v in results.items() if isinstance(v, dict) and "error" in v]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ overrides and validates the result before anything else starts.  Every error is 
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -17,6 +19,8 @@ import yaml
 from calm_train.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+
+
 MODEL_KINDS = ("autoencoder", "calm", "ar")
 
 
@@ -76,6 +80,8 @@ class ModelConfig:
     patch_size: int = 4               # K tokens per vector
     attention: str = "auto"           # auto | flash | sdpa
     autoencoder: str | None = None    # frozen AE for calm: run dir, checkpoint dir or HF-layout dir
+    init_from: str | None = None      # warm start from these weights: a run, checkpoint or exported/reference dir
+    init_from_sha256: str | None = None   # their sha256: recorded by the run; when given, the weights must match
     init_std: float = 0.02
     ae: AutoencoderArch = field(default_factory=AutoencoderArch)
     backbone: BackboneArch = field(default_factory=BackboneArch)
@@ -88,7 +94,7 @@ class ParallelConfig:
     pp: int = 1
     zero_stage: int = 1
     sequence_parallel: bool = False
-    ds_config: str | None = None      # a JSON path or a name in ds_configs/; None: chosen from zero_stage/pp
+    ds_config: str | None = None      # a JSON path or a name in calm_train/ds_configs/; None: chosen from zero_stage/pp
     offload: bool = False             # ZeRO-Offload of optimizer state to CPU
 
 
@@ -117,22 +123,68 @@ class TrainConfig:
     keep_every: int = 0               # ... plus every keep_every-th step (0: none)
     max_wallclock: float = 0.0        # seconds per launch (job); then save and exit 75 (0: off)
     max_bad_steps: int = 5            # consecutive non-finite steps before the run stops
-    peak_flops: float = 0.0           # per-device peak FLOP/s for MFU; 0: measured at start
+    peak_flops: float = 0.0           # per-device peak FLOP/s for MFU; 0: the device's spec peak, else measured
+    profile: str | None = None        # START:END: torch.profiler trace of those steps (rank 0) in RUN_DIR/profile/
+
+
+@dataclass
+class DataSource:
+    """One dataset of a weighted mixture in data.train."""
+    path: str                         # prepared data directory (calm-train prepare --out)
+    weight: float = 1.0               # share of the samples, relative to the other datasets' weights
+    name: str | None = None           # metrics key tokens/<name>; None: the directory's name
 
 
 @dataclass
 class DataConfig:
-    train: str | None = None          # prepared data directory (calm-train prepare --out)
+    # a prepared data directory (calm-train prepare --out), or a weighted mixture of several:
+    # [{path: DIR, weight: W}, ...], on the command line DIR_A@0.7,DIR_B@0.3
+    train: str | list[DataSource] | None = None
     val: str | None = None            # None: the `val` split of data.train when it has one
     seq_len: int | None = None        # None: from dataset.json
     num_workers: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.train, str) and SHORT_MIXTURE.fullmatch(self.train):
+            self.train = parse_short_mixture(self.train)
+
+
+_WEIGHTED = r"[^,]+@(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+SHORT_MIXTURE = re.compile(f"{_WEIGHTED}(?:,{_WEIGHTED})*")     # DIR_A@0.7,DIR_B@0.3
+
+
+def parse_short_mixture(text: str) -> list[DataSource]:
+    """DIR_A@0.7,DIR_B@0.3 -> [DataSource(DIR_A, 0.7), DataSource(DIR_B, 0.3)]."""
+    return [DataSource(path, float(weight)) for path, weight in (item.rsplit("@", 1) for item in text.split(","))]
+
+
+def data_sources(train: str | list[DataSource] | None) -> list[DataSource]:
+    """data.train (a directory, the short form or a list) as a list of datasets, each with its name."""
+    if not train:
+        return []
+    if isinstance(train, str):
+        items = parse_short_mixture(train) if SHORT_MIXTURE.fullmatch(train) else [DataSource(train)]
+    else:
+        items = train
+    return [DataSource(s.path, s.weight, s.name or pathlib.Path(s.path).name or s.path) for s in items]
 
 
 @dataclass
 class LoggingConfig:
     wandb: str = "off"                # off | offline | online
     project: str = "calm-train"
-    progress: bool = True
+    progress: bool = True             # a live bar on a terminal, else one line every train.log_every steps
+    tensorboard: bool = False         # also write TensorBoard events to RUN_DIR/tensorboard/
+
+
+@dataclass
+class PerfConfig:
+    """Speed switches.  None changes the model or the loss; on CPU the defaults run the plain eager path."""
+    compile: str = "off"              # off | on: torch.compile of each backbone layer (norm/SwiGLU/RoPE glue) and
+                                      # of the energy head + energy loss (results equal eager to rounding)
+    fused_adamw: str = "auto"         # auto (on on CUDA) | on | off: torch AdamW(fused=True); never on CPU
+    recompute: str = "off"            # off | selective (the MLP of each layer) | full (every layer): activation
+                                      # recomputation in backward, to make room for larger micro-batches
 
 
 @dataclass
@@ -143,10 +195,26 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 # ---------------------------------------------------------------------------------------------
 # loading
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as a config means it: booleans are true/false only (YAML 1.1 also reads on/off/yes/no, which would
+    turn `logging.wandb=off` or `perf.compile=on` into a bool) and integers have no base 60 (YAML 1.1 reads
+    10:12 as 612, so train.profile=10:12 stays a string)."""
+
+
+_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YamlLoader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)
+                                                    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
 
 
 def resolve_config_path(spec: str) -> pathlib.Path:
@@ -167,11 +235,27 @@ def named_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+YAML_1_1_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
+
+
+def _load_yaml(text, where: str):
+    """`text` (an open file, or one override's value) as YAML; a syntax error names `where` (a file: with
+    line and column)."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark and not isinstance(text, str) else where
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{at}: not valid YAML ({problem}). Fix: correct the YAML there (`key: value`, nested "
+                        "keys indented by spaces; quote text with ':' or '#')") from err
+
+
 def _read_yaml_tree(path: pathlib.Path, seen: tuple = ()) -> dict:
     if path in seen:
         raise ConfigError("base", f"{path} extends itself through {list(seen)}", "remove the cycle")
     with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+        tree = _load_yaml(f, str(path)) or {}
     if not isinstance(tree, dict):
         raise ConfigError("CONFIG", f"{path} does not hold a mapping", "write `key: value` YAML")
     base = tree.pop("base", None)
@@ -198,7 +282,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         *parents, leaf = dotted.strip().split(".")
         for name in parents:
             node = node.setdefault(name, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        node[leaf] = _load_yaml(raw, f"override {item!r}") if raw != "" else None
     return tree
 
 
@@ -219,6 +303,10 @@ def _coerce(hint, value, dotted: str):
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(dotted, f"expected a mapping, got {value!r}", "give its keys below it")
+        missing = [f.name for f in dataclasses.fields(hint) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in value]
+        if missing:
+            raise ConfigError(f"{dotted}.{missing[0]}", "is missing", f"give {dotted}.{missing[0]}")
         return _build(hint, value, dotted + ".")
     allowed = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) else [hint]
     if value is None:
@@ -227,7 +315,13 @@ def _coerce(hint, value, dotted: str):
         raise ConfigError(dotted, "must not be empty", f"give a {allowed[0].__name__}")
     if isinstance(value, str) and (float in allowed or int in allowed):
         value = _number(value)                # YAML 1.1 reads 3e-4 (no dot) as a string
+    if isinstance(value, str) and bool in allowed and value.lower() in YAML_1_1_BOOLS:
+        value = YAML_1_1_BOOLS[value.lower()]  # yes/no/on/off still mean true/false for a boolean key
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(dotted, f"{value} is not a finite number", "give a finite value")
     for typ in allowed:
+        if get_origin(typ) is list and isinstance(value, list):
+            return [_coerce(get_args(typ)[0], item, f"{dotted}[{n}]") for n, item in enumerate(value)]
         if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if typ is int and isinstance(value, int) and not isinstance(value, bool):
@@ -238,7 +332,7 @@ def _coerce(hint, value, dotted: str):
             return value
         if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(dotted, f"expected {' or '.join(t.__name__ for t in allowed)}, got {value!r}",
+    raise ConfigError(dotted, f"expected {' or '.join(getattr(t, '__name__', str(t)) for t in allowed)}, got {value!r}",
                       "give a value of that type")
 
 
@@ -297,6 +391,20 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                f"{d.seq_len} is not a positive multiple of model.patch_size={m.patch_size}",
                f"use a multiple of {m.patch_size}, e.g. {max(1, (d.seq_len or 0) // m.patch_size) * m.patch_size}")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0", "use 0 or more loader workers")
+    _validate_mixture(d.train)
+
+    sizes = {"model.ae.hidden_size": m.ae.hidden_size, "model.ae.intermediate_size": m.ae.intermediate_size,
+             "model.ae.latent_size": m.ae.latent_size}
+    if m.kind in ("calm", "ar"):
+        b = m.backbone
+        sizes.update({"model.backbone.hidden_size": b.hidden_size, "model.backbone.intermediate_size":
+                      b.intermediate_size, "model.backbone.num_layers": b.num_layers,
+                      "model.backbone.num_heads": b.num_heads, "model.backbone.num_kv_heads": 1 if b.num_kv_heads is None else b.num_kv_heads})
+    for key, size in sizes.items():
+        _check(size >= 1, key, f"{size} must be >= 1", "give a positive size (see calm_train/configs for examples)")
+    for key, value in (("model.ae.norm_eps", m.ae.norm_eps), ("model.backbone.norm_eps", m.backbone.norm_eps),
+                       ("model.backbone.rope_theta", m.backbone.rope_theta)):
+        _check(value > 0, key, f"{value} must be > 0", "use the default (norm_eps 1e-6, rope_theta 10000)")
 
     ae = m.ae
     _check(ae.num_encoder_layers >= 2 and ae.num_decoder_layers >= 2, "model.ae.num_encoder_layers",
@@ -339,8 +447,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                "set parallel.tp=1 parallel.pp=1 (scale it with data parallelism)")
     if m.kind == "calm":
         h = m.head
-        _check(bool(m.autoencoder), "model.autoencoder", "a CALM run needs its frozen autoencoder",
-               "set model.autoencoder=RUN_DIR (or a checkpoint or exported directory) of a trained autoencoder")
+        _check(bool(m.autoencoder or m.init_from), "model.autoencoder", "a CALM run needs its frozen autoencoder",
+               "set model.autoencoder=RUN_DIR (or a checkpoint or exported directory) of a trained autoencoder, "
+               "or model.init_from=a CALM directory that carries one")
         _check(h.num_samples >= 2, "model.head.num_samples",
                f"N={h.num_samples}: the energy score needs >= 2 model samples", "use N=8")
         _check(h.num_target_samples >= 1, "model.head.num_target_samples", "must be >= 1", "use M=100")
@@ -384,12 +493,53 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1", "evaluate at least one batch")
     _check(t.eval_samples >= 2, "train.eval_samples", f"{t.eval_samples}: the Brier estimates need >= 2 samples "
            "per position", "use 2 (the two-sample estimate) or more, e.g. 16")
+    if t.profile is not None:
+        _check(profile_steps(t.profile) is not None, "train.profile", f"'{t.profile}' is not START:END with "
+               "1 <= START <= END", "write e.g. train.profile=10:12 (steps 10 to 12, counted from 1)")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", "allow a few skipped steps, e.g. 5")
     _check(cfg.logging.wandb in ("off", "offline", "online"), "logging.wandb",
            f"'{cfg.logging.wandb}' is unknown", "use off, offline or online")
+    f = cfg.perf
+    _check(f.compile in ("off", "on"), "perf.compile", f"'{f.compile}' is unknown", "use off or on")
+    _check(f.fused_adamw in ("auto", "on", "off"), "perf.fused_adamw", f"'{f.fused_adamw}' is unknown",
+           "use auto (fused on CUDA), on or off")
+    _check(f.recompute in ("off", "selective", "full"), "perf.recompute", f"'{f.recompute}' is unknown",
+           "use off, selective (MLP) or full (every layer)")
+    _check(not (f.compile == "on" and p.zero_stage == 3), "perf.compile",
+           "ZeRO-3 gathers parameters in module hooks, which torch.compile is not run with here",
+           "use parallel.zero_stage <= 2 with perf.compile=on, or perf.compile=off")
 
     if world_size is not None:
         validate_layout(cfg, world_size)
+
+
+def profile_steps(spec: str | None) -> tuple[int, int] | None:
+    """train.profile `START:END` as (START, END), or None when it is not of that form."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", spec or "")
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        return None
+    return int(match[1]), int(match[2])
+
+
+def _validate_mixture(train) -> None:
+    short_form = "write data.train=DIR, or DIR_A@0.7,DIR_B@0.3, or a YAML list of {path: DIR, weight: W}"
+    if isinstance(train, str):
+        _check(not ("," in train and "@" in train), "data.train", f"'{train}' is neither one directory nor "
+               "a list DIR@WEIGHT,DIR@WEIGHT with numeric weights", short_form)
+        return
+    if train is None:
+        return
+    _check(len(train) >= 1, "data.train", "the mixture lists no dataset", short_form)
+    for n, source in enumerate(train):
+        _check(bool(source.path), f"data.train[{n}].path", "is empty", "give the prepared data directory")
+        _check(math.isfinite(source.weight) and source.weight > 0, f"data.train[{n}].weight",
+               f"{source.weight} is not a positive number", "give every dataset a weight > 0 (weights are relative)")
+    seen: dict[str, str] = {}
+    for source in data_sources(train):
+        _check(source.name not in seen, "data.train", f"two datasets are named '{source.name}' ({seen.get(source.name)} "
+               f"and {source.path}); the name keys the metrics tokens/<name>",
+               "give each a distinct `name:` in the YAML list form, or rename a directory")
+        seen[source.name] = source.path
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
+from calm_train.data.dataset_info import DataError
 from data_prep.sources import iter_documents
 
 TRAIN_BYTES = 256 << 20
@@ -24,7 +25,7 @@ def parse_train_spec(spec: str) -> int | None:
     except ValueError:
         vocab = -1
     if vocab < 256 + len(SPECIALS) + 1:
-        raise ValueError(f"--tokenizer {spec}: VOCAB must be an integer >= {256 + len(SPECIALS) + 1} "
+        raise DataError(f"--tokenizer {spec}: VOCAB must be an integer >= {256 + len(SPECIALS) + 1} "
                          "(256 bytes + specials + merges). Fix: e.g. train:8192")
     return vocab
 

@@ -11,11 +11,10 @@ Chunk c goes to array task c % N and to any worker, so the split never changes t
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterator
 
-from data_prep.sources import direct_ok, read_direct, read_group, builder_for
+from data_prep.sources import builder_for, direct_ok, json_lines, read_direct, read_group
 
 CHUNK_BYTES = 1 << 20
 
@@ -81,22 +80,7 @@ def read_lines(path: str, lo: int, hi: int) -> list[str]:
         data = f.read(max(0, hi - start))
         if data and not data.endswith(b"\n"):
             data += f.readline()                      # the last line started before hi
-    docs = []
-    for n, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise ValueError(f"{path}: line {n} from byte {start} is not JSON ({err}). "
-                             "Fix: give JSON lines with a 'text' field") from err
-        text = row.get("text") if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            raise ValueError(f"{path}: line {n} from byte {start}: no 'text' string field. "
-                             "Fix: give JSON lines with a 'text' field")
-        if text:
-            docs.append(text)
-    return docs
+    return list(json_lines(data, path, start))
 
 
 def chunk_documents(chunk: tuple) -> list[str]:

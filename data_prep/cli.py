@@ -7,6 +7,8 @@ Split over an array of jobs (e.g. SLURM_ARRAY_TASK_ID), then one merge:
     calm-train prepare --out DIR --merge [--workers W]
 The merged directory holds the same samples, byte for byte, as the single-process run.  `train:VOCAB`
 cannot be trained per task: train it once with --tokenizer-only and pass DIR/tokenizer.json to the tasks.
+Nothing is written into --out before the output is complete (data_prep.staging): a previous output
+stays intact until the new one replaces it, and a directory of other files is refused.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import time
 
 from calm_train.data.dataset_info import DataError
 from calm_train.data.tokenizer import load_tokenizer
+from calm_train.errors import positive_int, run_command
 from data_prep.bpe import parse_train_spec, train_bpe
 from data_prep.encode import Settings, run_task
 from data_prep.sources import expand_inputs
+from data_prep.staging import Staging
 from data_prep.write import merge
 
 SHARD_BYTES = 64 << 20
@@ -39,75 +43,76 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of documents (by content hash) for the val split "
                              "(default 0.01, or 0 with --val-input)")
     parser.add_argument("--val-input", nargs="+", default=[], metavar="PATH", help="separate validation input")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer / shard writer processes")
-    parser.add_argument("--samples-per-shard", type=int, default=None,
+    parser.add_argument("--workers", type=positive_int, default=1, help="tokenizer / shard writer processes")
+    parser.add_argument("--samples-per-shard", type=positive_int, default=None,
                         help="samples per MDS shard (default: ~64 MiB of tokens)")
     parser.add_argument("--shard-index", type=int, default=None, help="this task's index in an array of tasks")
     parser.add_argument("--num-shards", type=int, default=None, help="number of tasks in the array")
     parser.add_argument("--merge", action="store_true", help="merge the finished array tasks in --out")
     parser.add_argument("--tokenizer-only", action="store_true",
                         help="only train/copy the tokenizer into --out (for array runs with train:VOCAB)")
-
-
-def _fail(message: str) -> int:
-    print(f"calm-train prepare: error: {message}", file=sys.stderr)
-    return 2
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out that holds other files than a previous prepare output "
+                             "(they are moved aside to OUT.before-prepare-TIME, not deleted)")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    try:
-        return _prepare(args)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        return _fail(str(err))
-
-
-def _prepare(args: argparse.Namespace) -> int:
-    out = pathlib.Path(args.out)
+    """The prepare command; bad arguments or input raise DataError (exit 1 in the CLI)."""
+    stage = Staging(args.out)
+    stage.recover()
     start = time.time()
     if args.merge:
-        info = merge(out, workers=args.workers)
-        print(json.dumps({"out": str(out), "splits": info.splits, "wall_s": round(time.time() - start, 2)}))
+        stage.check(args.overwrite)
+        info = merge(stage.root, stage.begin(), workers=args.workers)
+        stage.commit()
+        print(json.dumps({"out": args.out, "splits": info.splits, "wall_s": round(time.time() - start, 2)}))
         return 0
     if not args.input or not args.tokenizer:
-        return _fail("--input and --tokenizer are required (except with --merge)")
+        raise DataError("--input and --tokenizer are required (except with --merge)")
     if args.seq_len < 1 or args.patch_size < 1 or args.seq_len % args.patch_size:
-        return _fail(f"--seq-len {args.seq_len} is not a positive multiple of --patch-size {args.patch_size}")
+        raise DataError(f"--seq-len {args.seq_len} is not a positive multiple of --patch-size {args.patch_size}")
     array = args.shard_index is not None or args.num_shards is not None
     num_shards = args.num_shards or 1
     index = args.shard_index or 0
     if array and not (args.shard_index is not None and args.num_shards and 0 <= index < num_shards):
-        return _fail("--shard-index I and --num-shards N go together, with 0 <= I < N")
+        raise DataError("--shard-index I and --num-shards N go together, with 0 <= I < N")
     val_fraction = args.val_fraction if args.val_fraction is not None else (0.0 if args.val_input else 0.01)
     if not 0 <= val_fraction < 1:
-        return _fail(f"--val-fraction {val_fraction} is not in [0, 1)")
+        raise DataError(f"--val-fraction {val_fraction} is not in [0, 1)")
+    vocab = parse_train_spec(args.tokenizer)
+    if vocab is not None and array and not args.tokenizer_only:
+        raise DataError("train:VOCAB is trained once, not per task. Fix: run prepare --tokenizer-only first "
+                        "(into its own --out DIR), then pass --tokenizer DIR/tokenizer.json to every task")
+    stage.check(args.overwrite, tokenizer_only=args.tokenizer_only)
     inputs = expand_inputs(args.input)
     val_inputs = expand_inputs(args.val_input) if args.val_input else []
 
-    vocab = parse_train_spec(args.tokenizer)
-    if vocab is not None and array and not args.tokenizer_only:
-        return _fail("train:VOCAB is trained once, not per task. Fix: run prepare --tokenizer-only first, "
-                     f"then pass --tokenizer {out / 'tokenizer.json'} to every task")
+    new = stage.begin() if args.tokenizer_only or not array else None
     if vocab is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tokenizer.json").write_bytes(train_bpe(inputs, vocab))
-        tokenizer = load_tokenizer(out / "tokenizer.json")
+        (new / "tokenizer.json").write_bytes(train_bpe(inputs, vocab))
+        tokenizer = load_tokenizer(new / "tokenizer.json")
     else:
         tokenizer = load_tokenizer(args.tokenizer)
     if args.tokenizer_only:
-        path = tokenizer.save(out)
-        print(json.dumps({"tokenizer": str(path), "vocab_size": tokenizer.vocab_size}))
+        tokenizer.save(new)
+        stage.commit()
+        print(json.dumps({"tokenizer": str(pathlib.Path(args.out) / tokenizer.main),
+                          "vocab_size": tokenizer.vocab_size}))
         return 0
 
     per_shard = args.samples_per_shard or max(1, SHARD_BYTES // (4 * args.seq_len))
     settings = Settings(seq_len=args.seq_len, patch_size=args.patch_size, val_fraction=val_fraction,
                         samples_per_shard=per_shard, inputs=inputs, val_inputs=val_inputs,
                         num_shards=num_shards, tokenizer_sha256=tokenizer.sha256)
-    run_task(out, settings, tokenizer, index, args.workers)
+    if not array:
+        stage.clear_work()                          # a single process is the whole array: no other task's work
+    run_task(stage.root, settings, tokenizer, index, args.workers)
     if array:
         print(json.dumps({"task": index, "num_shards": num_shards, "wall_s": round(time.time() - start, 2)}))
         return 0
-    info = merge(out, workers=args.workers, tokenizer=tokenizer)
-    print(json.dumps({"out": str(out), "splits": info.splits, "documents": info.documents,
+    info = merge(stage.root, new, workers=args.workers, tokenizer=tokenizer)
+    stage.commit()
+    print(json.dumps({"out": args.out, "splits": info.splits, "documents": info.documents,
                       "text_mb": round(info.text_bytes / 1e6, 3), "wall_s": round(time.time() - start, 2)}))
     return 0
 
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_prepare_arguments(parser)
-    return run_prepare(parser.parse_args(argv))
+    return run_command("prepare", run_prepare, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import re
 import sys
 from typing import Iterator
 
+from calm_train.data.dataset_info import DataError
+
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 SPLIT_WORDS = 10_000          # long documents are tokenized in pieces of at most this many words
 READ_BATCH = 256
@@ -34,12 +36,45 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         elif os.path.isfile(pattern):
             found = [pattern]
         else:
-            raise FileNotFoundError(f"--input {pattern}: no such file or directory. "
-                                    "Fix: pass existing files, directories or quoted globs")
+            raise DataError(f"--input {pattern}: no such file or directory. "
+                            "Fix: pass existing files, directories or quoted globs")
         if not found:
-            raise FileNotFoundError(f"--input {pattern}: matched no files. Fix: check the glob")
+            raise DataError(f"--input {pattern}: matched no files. Fix: check the glob")
         files += [f for f in found if f not in files]
+    for path in files:                  # before any work: every input can be opened
+        try:
+            open(path, "rb").close()
+        except OSError as err:
+            raise DataError(f"--input {path}: cannot be read ({err.strerror}). Fix: check its permissions, "
+                            "or leave it out") from err
     return files
+
+
+def decode_utf8(data: bytes, path: str, offset: int) -> str:
+    """`data` (the bytes of `path` from byte `offset`) as text; a non-UTF-8 byte is named by its offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 at byte {offset + err.start} ({err.reason}). Fix: convert the file "
+                        "to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from err
+
+
+def json_lines(data: bytes, path: str, offset: int) -> Iterator[str]:
+    """The non-empty "text" of each JSON line of `data` (the bytes of `path` from byte `offset`)."""
+    for line in data.splitlines(keepends=True):
+        if line.strip():
+            try:
+                row = json.loads(decode_utf8(line, path, offset))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: the line at byte {offset} is not JSON ({err}). "
+                                "Fix: give JSON lines with a 'text' field") from err
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}: the line at byte {offset} has no 'text' string field. "
+                                "Fix: give JSON lines with a 'text' field")
+            if text:
+                yield text
+        offset += len(line)
 
 
 def builder_for(path: str) -> str:
@@ -75,29 +110,24 @@ def direct_ok(path: str) -> bool:
         return True
     if not path.lower().endswith((".jsonl", ".json")):
         return False
-    with open(path, encoding="utf-8") as f:
-        first = f.readline()
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    if not first:
+        return True                     # an empty file: no documents
     try:
-        return isinstance(json.loads(first), dict)
+        return isinstance(json.loads(decode_utf8(first, path, 0)), dict)
     except json.JSONDecodeError:
         return False
 
 
 def read_direct(path: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        if builder_for(path) == "text":
-            text = f.read()
-            if text:
-                yield text
-            return
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            text = json.loads(line).get("text")
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{n}: no 'text' string field. Fix: give JSON lines with a 'text' field")
-            if text:
-                yield text
+    with open(path, "rb") as f:
+        data = f.read()
+    if builder_for(path) == "text":
+        if data:                        # newlines as Python's text mode reads them
+            yield decode_utf8(data, path, 0).replace("\r\n", "\n").replace("\r", "\n")
+        return
+    yield from json_lines(data, path, 0)
 
 
 def read_group(files: list[str]) -> Iterator[str]:
@@ -116,7 +146,7 @@ def read_group(files: list[str]) -> Iterator[str]:
                 if text:
                     yield text
     except KeyError as err:
-        raise ValueError(f"--input {files}: rows have no 'text' field ({err}). Fix: give JSON lines "
+        raise DataError(f"--input {files}: rows have no 'text' field ({err}). Fix: give JSON lines "
                          "or Parquet with a 'text' string column") from err
 
 

@@ -1,4 +1,5 @@
-"""Stage 2 of prepare (`--merge`): task token streams -> sequences -> MDS shards + dataset.json.
+"""Stage 2 of prepare (`--merge`): task token streams -> sequences -> MDS shards + dataset.json, written
+into an empty directory (the staging area's `new`, data_prep.staging).
 
 The tasks' chunks are put back in input order into one virtual token stream per split, cut into
 samples of seq_len tokens (the last one filled with PAD).  Samples are grouped into fixed parts of
@@ -98,7 +99,6 @@ def write_split(out: pathlib.Path, split: str, segments, seq_len: int, pad_id: i
     total = sum(s[2] for s in segments)
     samples = -(-total // seq_len)
     split_dir = out / split
-    shutil.rmtree(split_dir, ignore_errors=True)
     jobs = [(segments, str(split_dir / f"part-{p:05d}"), first, min(per_shard, samples - first), seq_len, pad_id)
             for p, first in enumerate(range(0, samples, per_shard))]
     if workers <= 1 or len(jobs) == 1:
@@ -110,30 +110,32 @@ def write_split(out: pathlib.Path, split: str, segments, seq_len: int, pad_id: i
     return samples
 
 
-def merge(out, workers: int = 1, keep_work: bool = False, tokenizer: Tokenizer | None = None) -> DatasetInfo:
-    """Turn the finished tasks in out/.work into the prepared directory `out`.
+def merge(work, out, workers: int = 1, tokenizer: Tokenizer | None = None) -> DatasetInfo:
+    """Turn the finished tasks in work/.work into a prepared directory in `out` (an empty directory).
 
     `tokenizer`: the one the tasks used, when the caller has it loaded (else read from task 0).
     """
-    out = pathlib.Path(out)
-    tasks = read_tasks(out)
+    work, out = pathlib.Path(work), pathlib.Path(out)
+    tasks = read_tasks(work)
     st = tasks[0]["settings"]
     if tokenizer is None or tokenizer.sha256 != st["tokenizer_sha256"]:
-        tok_dir = task_dir(out, 0, st["num_shards"]) / "tokenizer"
+        tok_dir = task_dir(work, 0, st["num_shards"]) / "tokenizer"
         tokenizer = load_tokenizer(tok_dir / tasks[0]["tokenizer_main"])
     tokenizer.save(out)
     stats = {s: {k: sum(t["stats"][s].get(k, 0) for t in tasks) for k in
                  ("documents", "text_bytes", "text_tokens", "pad_tokens")} for s in SPLITS}
     splits = {}
     for split in SPLITS:
-        segments = split_segments(out, tasks, split)
+        segments = split_segments(work, tasks, split)
         if not segments:
-            shutil.rmtree(out / split, ignore_errors=True)
             continue
         samples = write_split(out, split, segments, st["seq_len"], tokenizer.pad_id, st["samples_per_shard"], workers)
         splits[split] = dict(stats[split], samples=samples, tokens=samples * st["seq_len"])
     if "train" not in splits:
-        raise DataError(f"{out}: the input gave no training documents. Fix: check --input and --val-fraction")
+        inputs = st["inputs"] + st["val_inputs"]
+        named = ", ".join(inputs[:3]) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+        raise DataError(f"{named}: the input gave no training documents. Fix: check --input (empty files?) "
+                        "and --val-fraction")
     info = DatasetInfo(
         vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
         patch_size=st["patch_size"], seq_len=st["seq_len"], tokenizer=tokenizer.main,
@@ -143,6 +145,4 @@ def merge(out, workers: int = 1, keep_work: bool = False, tokenizer: Tokenizer |
         samples_per_shard=st["samples_per_shard"], val_fraction=st["val_fraction"],
         inputs=st["inputs"] + st["val_inputs"])
     write_dataset_info(out, info)
-    if not keep_work:
-        shutil.rmtree(out / ".work")
     return info

@@ -30,6 +30,9 @@ def test_overrides_are_typed():
                                            "parallel.sequence_parallel=true"])
     assert (cfg.train.lr, cfg.parallel.tp, cfg.train.steps, cfg.data.seq_len) == (0.01, 2, 7, 64)
     assert cfg.parallel.sequence_parallel is True
+    # YAML 1.2 booleans: on/off/yes/no stay strings for string keys
+    cfg = load_config("tiny_calm", CALM + ["logging.wandb=off", "perf.compile=on", "perf.recompute=off"])
+    assert (cfg.logging.wandb, cfg.perf.compile, cfg.perf.recompute) == ("off", "on", "off")
 
 
 INVALID = [
@@ -56,6 +59,10 @@ INVALID = [
     (["train.schedule=linear"], "train.schedule", None),
     (["train.dtype=fp16"], "train.dtype", None),
     (["logging.wandb=cloud"], "logging.wandb", None),
+    (["perf.compile=max"], "perf.compile", None),
+    (["perf.compile=on", "parallel.zero_stage=3"], "perf.compile", None),
+    (["perf.fused_adamw=yes"], "perf.fused_adamw", None),
+    (["perf.recompute=attention"], "perf.recompute", None),
     (["train.keep_last=0"], "train.keep_last", None),
     (["model.ae.ae_dropout=1.5"], "model.ae.ae_dropout", None),
     (["train.bogus=1"], "train.bogus", None),
@@ -64,6 +71,21 @@ INVALID = [
     (["train.global_batch=12"], "train.global_batch", 2),                     # 12 % (4 x dp 2) != 0
     (["parallel.pp=2", "train.global_batch=4"], "train.global_batch", 2),     # 1 microbatch cannot fill 2 stages
     (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=12"], "parallel.sequence_parallel", None),
+    (["data.train=web@0.7,code"], "data.train", None),                          # a weight missing
+    (["data.train=a/web@0.7,b/web@0.3"], "data.train", None),                   # two datasets named 'web'
+    (["data.train=[{path: web, weight: 0}]"], "data.train[0].weight", None),
+    (["data.train=[{weight: 1}]"], "data.train[0].path", None),
+    (["train.profile=5:3"], "train.profile", None),
+    (["train.profile=5"], "train.profile", None),
+    (["train.lr=nan"], "train.lr", None),
+    (["train.lr=inf"], "train.lr", None),
+    (["train.lr=.inf"], "train.lr", None),
+    (["model.backbone.hidden_size=0"], "model.backbone.hidden_size", None),
+    (["model.backbone.intermediate_size=-4"], "model.backbone.intermediate_size", None),
+    (["model.backbone.num_layers=0"], "model.backbone.num_layers", None),
+    (["model.backbone.num_kv_heads=0"], "model.backbone.num_kv_heads", None),
+    (["model.ae.intermediate_size=0"], "model.ae.intermediate_size", None),
+    (["model.ae.hidden_size=-1"], "model.ae.hidden_size", None),
 ]
 
 
@@ -88,3 +110,43 @@ def test_unknown_config_name_lists_the_named_ones(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(str(bad))
+
+
+def test_data_train_takes_one_directory_or_a_weighted_mixture():
+    from calm_train.config import DataSource, data_sources
+    assert load_config("tiny_ar", ["data.train=data/web"]).data.train == "data/web"
+    assert data_sources("data/web") == [DataSource("data/web", 1.0, "web")]
+    short = load_config("tiny_ar", ["data.train=data/web@0.7,data/code@.3"])
+    assert short.data.train == [DataSource("data/web", 0.7), DataSource("data/code", 0.3)]
+    listed = load_config("tiny_ar", ["data.train=[{path: data/web, weight: 0.7, name: w}, {path: data/code, weight: 0.3}]"])
+    assert [(s.name, s.weight) for s in data_sources(listed.data.train)] == [("w", 0.7), ("code", 0.3)]
+    assert config_from_tree(yaml.safe_load(to_yaml(listed))) == listed           # config.yaml round-trips
+    assert load_config("tiny_ar", ["data.train=data/v@2"]).data.train == [DataSource("data/v", 2.0)]
+
+
+def test_profile_steps_are_not_read_as_base_60():
+    from calm_train.config import profile_steps
+    cfg = load_config("tiny_ar", ["train.profile=10:12"])                        # YAML 1.1 would say 612
+    assert cfg.train.profile == "10:12" and profile_steps(cfg.train.profile) == (10, 12)
+    assert config_from_tree(yaml.safe_load(to_yaml(cfg))).train.profile == "10:12"
+
+
+def test_wandb_off_and_yaml_1_1_booleans(tmp_path):
+    """`off` is the documented value of logging.wandb (YAML 1.1 would read a boolean); yes/no/on/off still set
+    boolean keys."""
+    assert load_config("tiny_calm", CALM + ["logging.wandb=off"]).logging.wandb == "off"
+    path = tmp_path / "run.yaml"
+    path.write_text("base: tiny_calm\nlogging: {wandb: off, progress: off}\nparallel: {sequence_parallel: no}\n")
+    cfg = load_config(str(path), CALM)
+    assert (cfg.logging.wandb, cfg.logging.progress, cfg.parallel.sequence_parallel) == ("off", False, False)
+    assert load_config("tiny_calm", CALM + ["logging.progress=on"]).logging.progress is True
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    from calm_train.errors import UserError
+    path = tmp_path / "broken.yaml"
+    path.write_text("base: tiny_calm\ntrain:\n  steps: 10\n  lr: [1e-3\n")
+    with pytest.raises(UserError, match=rf"{path}:5:1: not valid YAML"):
+        load_config(str(path), CALM)
+    with pytest.raises(UserError, match=r"override 'train.lr=\[1': not valid YAML"):
+        load_config("tiny_calm", CALM + ["train.lr=[1"])

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUICK = re.compile(r"<!-- quick -->\n```bash\n(.*?)```", re.S)
 
@@ -20,6 +22,7 @@ def test_readme_has_quick_blocks():
     assert len(quick_blocks()) >= 2
 
 
+@pytest.mark.timeout(900)        # the blocks' own limit below, above the suite's default
 def test_readme_quick_blocks_run_as_written(tmp_path):
     script = "set -euo pipefail\n" + "\n".join(quick_blocks())
     env = dict(os.environ, PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",

@@ -1,9 +1,13 @@
 """`calm-train convert SRC DST --to hf|native [--tp N --pp N]`.
 
 --to hf      SRC: a run directory (its latest checkpoint) or a checkpoint directory.
-             AR -> a `LlamaForCausalLM` directory (config.json + model.safetensors);
-             CALM and autoencoder -> the CALM paper's reference release layout (`reference.py`).
-             The tokenizer is written beside, loadable with `AutoTokenizer.from_pretrained(DST)`.
+             AR -> a `LlamaForCausalLM` directory (config.json, generation_config.json,
+             model.safetensors; tie_word_embeddings when the output layer equals the embedding);
+             CALM and autoencoder -> the CALM paper's reference release layout (`reference.py`):
+               DST/config.json, model.safetensors         the CALM (ae_path = DST/autoencoder, absolute)
+               DST/autoencoder/config.json, model.safetensors   its frozen autoencoder
+             The tokenizer is written beside (and into DST/autoencoder), loadable with
+             `AutoTokenizer.from_pretrained(DST)`.  Files are written 0644, directories 0755.
 --to native  SRC: such a directory (ours, the reference release's, or any Llama checkpoint in
              safetensors or pytorch_model.bin, sharded or not).  DST becomes a checkpoint
              directory (config.yaml, tokenizer/, model.safetensors, for CALM also
@@ -25,16 +29,12 @@ import os
 import pathlib
 import shutil
 
-import yaml
-
-from calm_train.config import Config, DataConfig, ModelConfig, ParallelConfig, config_from_tree, to_yaml, validate
+from calm_train.config import Config, DataConfig, ParallelConfig, to_yaml, validate
 from calm_train.convert import hf_llama, reference
+from calm_train.convert.native import save_autoencoder_file, write_manifest
+from calm_train.convert.sources import open_source
 from calm_train.convert.tokenizer_io import export_tokenizer, import_tokenizer
-from calm_train.convert.weights import ConvertError, check_shapes, find_weights, read_weights, save_weights
-from calm_train.convert.native import (load_autoencoder_file, resolve_checkpoint, save_autoencoder_file,
-                                       verify_checkpoint, write_manifest)
-
-DEFAULT_SEQ_LEN = 2048
+from calm_train.convert.weights import ConvertError, save_weights
 
 
 @contextlib.contextmanager
@@ -51,6 +51,8 @@ def _staged(dst: pathlib.Path):
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    for path in [partial, *partial.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)       # readable by others whatever the umask
     if dst.exists():
         dst.rmdir()
     os.replace(partial, dst)
@@ -60,33 +62,51 @@ def _staged(dst: pathlib.Path):
 # native -> Hugging Face
 
 
+def _hf_directories(source, dst: pathlib.Path, seq_len: int) -> dict[str, tuple[dict, dict]]:
+    """{directory relative to DST: (weights, config.json fields)} of the export."""
+    m = source.model
+    native, ae = source.read()
+    if m.kind == "ar":
+        tied = hf_llama.is_tied(native)
+        return {".": (hf_llama.ar_to_hf(native, m.backbone, tied),
+                      hf_llama.llama_config(m.backbone, m.vocab_size, seq_len, tied))}
+    if m.kind == "autoencoder":
+        return {".": (reference.autoencoder_to_reference(native),
+                      reference.autoencoder_fields(m.ae, m.vocab_size, m.patch_size))}
+    ae_fields = reference.autoencoder_fields(ae.arch, ae.vocab_size, ae.patch_size)
+    calm = {**reference.calm_fields(m, ae.vocab_size), "max_position_embeddings": seq_len // m.patch_size,
+            "ae_path": str(dst.resolve() / reference.AUTOENCODER_DIR)}
+    return {".": (reference.calm_to_reference(native, ae.state_dict(), m), calm),
+            reference.AUTOENCODER_DIR: (reference.autoencoder_to_reference(ae.state_dict()), ae_fields)}
+
+
 def export_hf(src, dst) -> pathlib.Path:
-    from safetensors.torch import load_file
     from calm_train.data.dataset_info import read_dataset_info
-    ckpt = resolve_checkpoint(src)
-    verify_checkpoint(ckpt)
-    cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    m, native = cfg.model, load_file(str(ckpt / "model.safetensors"))
-    seq_len = read_dataset_info(ckpt / "tokenizer").seq_len
-    try:
-        if m.kind == "ar":
-            weights = hf_llama.ar_to_hf(native, m.backbone)
-            config = hf_llama.llama_config(m.backbone, m.vocab_size, seq_len)
-        elif m.kind == "calm":
-            ae = load_autoencoder_file(ckpt, "cpu")
-            weights = reference.calm_to_reference(native, ae.state_dict(), m)
-            config = {**reference.calm_fields(m, ae.vocab_size), "max_position_embeddings": seq_len // m.patch_size}
-        else:
-            weights = dict(native)
-            config = reference.autoencoder_fields(m.ae, m.vocab_size, m.patch_size)
-    except KeyError as err:
-        raise ConvertError(f"{ckpt}/model.safetensors: key {err} is missing for a {m.kind} model of "
-                           f"{ckpt}/config.yaml. Fix: use the config the checkpoint was saved with") from err
+    source = open_source(src)
+    if source.layout != "native":
+        raise ConvertError(f"{src} is already a Hugging Face-layout directory ({source.layout}). Fix: export a run "
+                           "or checkpoint directory, or import this one with --to native")
+    seq_len = read_dataset_info(source.path / "tokenizer").seq_len
     dst = pathlib.Path(dst)
+    try:
+        directories = _hf_directories(source, dst, seq_len)
+    except KeyError as err:
+        raise ConvertError(f"{source.weights}: key {err} is missing for a {source.model.kind} model of "
+                           f"{source.path}/config.yaml. Fix: use the config the checkpoint was saved with") from err
     with _staged(dst) as out:
-        special = export_tokenizer(ckpt / "tokenizer", out)
-        save_weights(weights, out / "model.safetensors")
-        (out / "config.json").write_text(json.dumps({**config, **special, "seq_len": seq_len}, indent=1) + "\n")
+        special = export_tokenizer(source.path / "tokenizer", out, seq_len)
+        tokenizer_files = [p for p in out.iterdir() if p.is_file()]
+        for name, (weights, config) in directories.items():
+            directory = out / name
+            directory.mkdir(exist_ok=True)
+            for path in tokenizer_files if name != "." else ():
+                shutil.copy(path, directory / path.name)
+            save_weights(weights, directory / "model.safetensors")
+            (directory / "config.json").write_text(json.dumps({**config, **special, "seq_len": seq_len}, indent=1)
+                                                   + "\n")
+        if source.model.kind == "ar":
+            from transformers import GenerationConfig
+            GenerationConfig(**special).save_pretrained(out)
     return dst
 
 
@@ -94,56 +114,15 @@ def export_hf(src, dst) -> pathlib.Path:
 # Hugging Face -> native
 
 
-def _is_llama(config: dict) -> bool:
-    return config.get("model_type") == "llama" or "LlamaForCausalLM" in config.get("architectures", [])
-
-
-def read_llama(src: pathlib.Path, config: dict) -> tuple[ModelConfig, dict]:
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        reference.config_field(config, src, key)
-    arch, vocab = hf_llama.arch_from_fields(config), config["vocab_size"]
-    head_dim = arch.hidden_size // arch.num_heads
-    unsupported = {"attention_bias": config.get("attention_bias"), "mlp_bias": config.get("mlp_bias"),
-                   "rope_scaling": config.get("rope_scaling"), "head_dim": config.get("head_dim", head_dim) != head_dim}
-    named = [key for key, value in unsupported.items() if value]
-    if named:
-        raise ConvertError(f"{src}/config.json: {', '.join(named)} set; the backbone has no biases, plain RoPE and "
-                           "head_dim = hidden_size / num_attention_heads. Fix: convert a Llama model without these")
-    weights = reference.drop_ignored(read_weights(find_weights(src)))
-    tied = config.get("tie_word_embeddings") and "lm_head.weight" not in weights
-    if tied and "model.embed_tokens.weight" in weights:
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]   # untied from here on
-    check_shapes(weights, hf_llama.ar_hf_shapes(arch, vocab), reference.FIX)
-    return ModelConfig(kind="ar", vocab_size=vocab, backbone=arch), hf_llama.hf_to_ar(weights, arch)
-
-
-def _seq_len(config: dict, tokens_per_position: int, patch_size: int) -> int:
-    """Tokens per training sample: our exports record `seq_len`; else the positions times tokens per position."""
-    tokens = config.get("seq_len")
-    if tokens is None:
-        positions = config.get("max_position_embeddings")
-        tokens = positions * tokens_per_position if positions else DEFAULT_SEQ_LEN
-    return max(patch_size, tokens - tokens % patch_size)
-
-
 def import_native(src, dst, tp: int = 1, pp: int = 1) -> pathlib.Path:
     from safetensors.torch import save_file
+    source = open_source(src)
+    if source.layout == "native":
+        raise ConvertError(f"{source.path} is already a native checkpoint. Fix: use it as it is (a run splits it "
+                           "over its own layout when it loads it), or export it with --to hf")
     src, dst = pathlib.Path(src), pathlib.Path(dst)
-    config = reference.read_config(src)
-    ae_state = None
-    if _is_llama(config):
-        model, native = read_llama(src, config)
-        seq_len = _seq_len(config, 1, model.patch_size)
-    elif reference.is_calm_config(config):
-        model, native, ae_state, _ = reference.read_reference_calm(src)
-        model.autoencoder = str(src.resolve())
-        seq_len = _seq_len(config, model.patch_size, model.patch_size)
-    elif reference.is_autoencoder_config(config):
-        model, native, _ = reference.read_reference_autoencoder(src)
-        seq_len = _seq_len(config, 1, model.patch_size)
-    else:
-        raise ConvertError(f"{src}/config.json is neither a Llama model (model_type llama), a CALM model "
-                           "(num_mlp_layers) nor an autoencoder (num_encoder_layers). Fix: point at one of those")
+    model, seq_len = source.model, source.config.data.seq_len
+    native, autoencoder = source.read()
     cfg = Config(run_dir=f"runs/{dst.name}", model=model, parallel=ParallelConfig(tp=tp, pp=pp),
                  data=DataConfig(seq_len=seq_len))
     validate(cfg)
@@ -151,11 +130,8 @@ def import_native(src, dst, tp: int = 1, pp: int = 1) -> pathlib.Path:
         import_tokenizer(src, out / "tokenizer", model.vocab_size, model.patch_size, seq_len)
         (out / "config.yaml").write_text(to_yaml(cfg))
         save_file({k: v.float().contiguous() for k, v in native.items()}, str(out / "model.safetensors"))
-        if ae_state is not None:
-            from calm_train.models.autoencoder import Autoencoder
-            ae = Autoencoder(model.ae, ae_state["encoder.embed_tokens.weight"].shape[0], model.patch_size)
-            ae.load_state_dict(ae_state, strict=True)
-            save_autoencoder_file(ae, out)
+        if autoencoder is not None:
+            save_autoencoder_file(autoencoder, out)
         write_manifest(out, 0, {"kind": model.kind, "converted_from": str(src), "layout": {"tp": tp, "pp": pp}})
     return dst
 

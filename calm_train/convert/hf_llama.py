@@ -15,6 +15,10 @@ queries share one key/value head):  rows = [q_g,0 .. q_g,n-1, k_g, v_g] for g = 
 each block head_dim rows.  Llama keeps q, k, v apart, heads in order; query head j uses key
 head j // n in both.  SwiGLU's fc1 is [gate; up].  Both use rotate-half RoPE, so no permutation
 of the head dimension is needed.
+
+The AR baseline's output layer is its own parameter.  A tied Llama (tie_word_embeddings) imports
+with lm_head = a copy of the embedding; an AR model whose lm_head equals its embedding exports as
+a tied Llama, without `lm_head.weight` in the file, as transformers saves one.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from calm_train.config import BackboneArch
 
 NATIVE_LAYER = "backbone.decoder.layers.{}."
 NATIVE_NORM = "backbone.decoder.final_layernorm.weight"
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def _layer_pairs(i: int, prefix: str) -> list[tuple[str, str]]:
@@ -115,24 +120,31 @@ def arch_from_fields(config: dict) -> BackboneArch:
 # the AR baseline as LlamaForCausalLM
 
 
-def ar_to_hf(native: dict[str, torch.Tensor], arch: BackboneArch) -> dict[str, torch.Tensor]:
-    return {"model.embed_tokens.weight": native["embed_tokens.weight"], "lm_head.weight": native["lm_head.weight"],
-            **backbone_to_llama(native, arch, "model.")}
+def is_tied(native: dict[str, torch.Tensor]) -> bool:
+    """The output layer equals the embedding (e.g. an imported tied Llama, not trained since)."""
+    return torch.equal(native["lm_head.weight"], native["embed_tokens.weight"])
+
+
+def ar_to_hf(native: dict[str, torch.Tensor], arch: BackboneArch, tied: bool = False) -> dict[str, torch.Tensor]:
+    """Llama's weights; tied: without `lm_head.weight` (transformers ties it to the embedding, as it saves them)."""
+    out = {EMBED: native["embed_tokens.weight"], **backbone_to_llama(native, arch, "model.")}
+    if not tied:
+        out[LM_HEAD] = native["lm_head.weight"]
+    return out
 
 
 def hf_to_ar(hf: dict[str, torch.Tensor], arch: BackboneArch) -> dict[str, torch.Tensor]:
-    return {"embed_tokens.weight": hf["model.embed_tokens.weight"], "lm_head.weight": hf["lm_head.weight"],
-            **llama_to_backbone(hf, arch, "model.")}
+    return {"embed_tokens.weight": hf[EMBED], "lm_head.weight": hf[LM_HEAD], **llama_to_backbone(hf, arch, "model.")}
 
 
 def ar_hf_shapes(arch: BackboneArch, vocab_size: int) -> dict[str, tuple[int, ...]]:
     return {**llama_shapes(arch, vocab_size, "model."), "lm_head.weight": (vocab_size, arch.hidden_size)}
 
 
-def llama_config(arch: BackboneArch, vocab_size: int, max_positions: int) -> dict:
-    """config.json of `LlamaForCausalLM` (untied output layer, no biases, SwiGLU, fp32)."""
+def llama_config(arch: BackboneArch, vocab_size: int, max_positions: int, tied: bool = False) -> dict:
+    """config.json of `LlamaForCausalLM` (no biases, SwiGLU, fp32)."""
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **backbone_fields(arch, vocab_size),
             "head_dim": arch.hidden_size // arch.num_heads, "hidden_act": "silu",
-            "max_position_embeddings": max_positions, "tie_word_embeddings": False, "attention_bias": False,
+            "max_position_embeddings": max_positions, "tie_word_embeddings": tied, "attention_bias": False,
             "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
             "torch_dtype": "float32"}

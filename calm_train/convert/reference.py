@@ -1,17 +1,28 @@
 """CALM and its autoencoder <-> the layout of the CALM paper's reference release (Hugging Face style).
 
-Autoencoder directory: config.json (patch_size, latent_size, hidden_size, intermediate_size,
-num_encoder_layers, num_decoder_layers, ae_dropout, kl_clamp, kl_weight, vocab_size, rms_norm_eps)
-and weights whose keys are the native ones (encoder.*, decoder.*; the decoder's output layer is
-the encoder's embedding).
+What the reference's training scripts write (`save_pretrained(..., safe_serialization=False)`):
 
-CALM directory: config.json (patch_size, latent_size, num_mlp_layers, num_samples, beta,
-noise_size and the backbone's Llama fields) and weights under four prefixes:
-    transformer.   the backbone as a Llama model (embed_tokens, layers.{i}.*, norm)  <-> embed_tokens, backbone.*
-    embed_proj.    Linear, SiLU, Linear, LayerNorm (same names)
-    mlp_generator. the energy head (also read as generative_head.)                 <-> generative_head.*
-    ae_model.      the frozen autoencoder                                            <-> autoencoder.safetensors
-Our exports add `ae_config` (the autoencoder's config) and `num_target_samples` to config.json;
+Autoencoder directory: config.json (AutoencoderConfig: patch_size, latent_size, hidden_size,
+intermediate_size, num_encoder_layers, num_decoder_layers, ae_dropout, kl_clamp, kl_weight,
+vocab_size, rms_norm_eps, architectures ["Autoencoder"], no model_type) and pytorch_model.bin with
+the native keys (encoder.*, decoder.*) plus `decoder.lm_head_weight`: the decoder's output layer
+is the encoder's embedding, registered a second time, so the file holds it under both names.
+
+CALM directory: config.json (CALMConfig: ae_path, patch_size, latent_size, num_mlp_layers,
+num_samples, beta, noise_size and the backbone's Llama fields; no model_type, which reads back as
+"energy") and weights under these prefixes:
+    transformer.      the backbone as a Llama model (embed_tokens, layers.{i}.*, norm)  <-> embed_tokens, backbone.*
+    embed_proj.       Linear, SiLU, Linear, LayerNorm (same names)
+    mlp_generator.    the energy head; `generative_head.` is the same module under a second name,
+                      so a .bin holds every head tensor twice                          <-> generative_head.*
+    ae_model.         the frozen autoencoder, including `ae_model.decoder.lm_head_weight`
+                                                                                        <-> autoencoder.safetensors
+Import accepts each alias (`generative_head.*`, `*decoder.lm_head_weight`) present or absent, after
+checking it equals the tensor it names.  Export writes every key the reference model's state dict
+has (aliases as cloned tensors: `from_pretrained` would leave an absent `decoder.lm_head_weight`
+uninitialised without a warning), and for CALM the autoencoder as its own reference directory
+`autoencoder/` named by an absolute `ae_path` (what `EnergyTransformer.__init__` loads).  Our
+exports add `ae_config` (the autoencoder's config), `num_target_samples` and `seq_len`;
 without `ae_config` the autoencoder's sizes are read off its weights.
 """
 from __future__ import annotations
@@ -26,10 +37,13 @@ import torch
 from calm_train.config import AutoencoderArch, EnergyHeadArch, ModelConfig
 from calm_train.convert.hf_llama import (arch_from_fields, backbone_fields, backbone_to_llama, llama_shapes,
                                          llama_to_backbone)
-from calm_train.convert.weights import ConvertError, Weights, check_shapes, find_weights, read_weights
+from calm_train.convert.weights import (ConvertError, Weights, check_shapes, find_weights, read_weights,
+                                        resolve_aliases)
 
 AE_PREFIX, HEAD_PREFIX, BACKBONE_PREFIX = "ae_model.", "mlp_generator.", "transformer."
-HEAD_ALIASES = ("generative_head.",)
+HEAD_ALIAS = "generative_head."
+AE_ALIASES = {"decoder.lm_head_weight": "encoder.embed_tokens.weight"}
+AUTOENCODER_DIR = "autoencoder"       # where a CALM export puts its autoencoder (config.json's ae_path)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)    # buffers older transformers versions saved
 FIX = "use the config.json that was saved with these weights, or re-export with `calm-train convert --to hf`"
 
@@ -62,7 +76,7 @@ def is_autoencoder_config(config: dict) -> bool:
 
 
 def autoencoder_fields(arch: AutoencoderArch, vocab_size: int, patch_size: int) -> dict:
-    return {"architectures": ["Autoencoder"], "model_type": "autoencoder", "patch_size": patch_size,
+    return {"architectures": ["Autoencoder"], "patch_size": patch_size,
             "latent_size": arch.latent_size, "hidden_size": arch.hidden_size,
             "intermediate_size": arch.intermediate_size, "num_encoder_layers": arch.num_encoder_layers,
             "num_decoder_layers": arch.num_decoder_layers, "ae_dropout": arch.ae_dropout, "kl_clamp": arch.kl_clamp,
@@ -141,8 +155,14 @@ def load_reference_autoencoder_weights(weights_path) -> dict[str, torch.Tensor]:
     if any(k.startswith(AE_PREFIX) for k in weights):
         weights = Weights(_strip(weights, AE_PREFIX), {k[len(AE_PREFIX):]: f for k, f in weights.origin.items()},
                           weights.source)
+    resolve_aliases(weights, AE_ALIASES)
     check_shapes(weights, autoencoder_shapes(arch, vocab, K), FIX)
     return dict(weights)
+
+
+def autoencoder_to_reference(ae: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The autoencoder's keys as the reference model's state dict has them: with the tied alias, cloned."""
+    return {**ae, **{alias: ae[target].clone() for alias, target in AE_ALIASES.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +171,7 @@ def load_reference_autoencoder_weights(weights_path) -> dict[str, torch.Tensor]:
 
 def calm_fields(model: ModelConfig, ae_vocab: int) -> dict:
     head = model.head
-    return {"architectures": ["CALM"], "model_type": "calm", "patch_size": model.patch_size,
+    return {"architectures": ["EnergyTransformer"], "patch_size": model.patch_size,
             "latent_size": model.ae.latent_size, "num_mlp_layers": head.num_blocks, "num_samples": head.num_samples,
             "beta": head.beta, "noise_size": head.noise_size, "num_target_samples": head.num_target_samples,
             **backbone_fields(model.backbone, model.vocab_size), "torch_dtype": "float32",
@@ -189,8 +209,10 @@ def calm_to_reference(native: dict[str, torch.Tensor], ae: dict[str, torch.Tenso
     out = {BACKBONE_PREFIX + "embed_tokens.weight": native["embed_tokens.weight"],
            **backbone_to_llama(native, model.backbone, BACKBONE_PREFIX)}
     out.update({k: v for k, v in native.items() if k.startswith("embed_proj.")})
-    out.update({HEAD_PREFIX + k: v for k, v in _strip(native, "generative_head.").items()})
-    out.update({AE_PREFIX + k: v for k, v in ae.items()})
+    head = _strip(native, "generative_head.")
+    out.update({HEAD_PREFIX + k: v for k, v in head.items()})
+    out.update({HEAD_ALIAS + k: v.clone() for k, v in head.items()})
+    out.update({AE_PREFIX + k: v for k, v in autoencoder_to_reference(ae).items()})
     return out
 
 
@@ -203,13 +225,10 @@ def reference_to_calm(ref: dict[str, torch.Tensor], model: ModelConfig) -> tuple
     return native, _strip(ref, AE_PREFIX)
 
 
-def _canonical_head_names(weights: Weights) -> Weights:
-    for alias in HEAD_ALIASES:
-        for key in [k for k in weights if k.startswith(alias)]:
-            new = HEAD_PREFIX + key[len(alias):]
-            weights[new] = weights.pop(key)
-            weights.origin[new] = weights.origin.pop(key, weights.source)
-    return weights
+def calm_aliases(keys) -> dict[str, str]:
+    """alias -> target of a CALM file: `generative_head.*` -> `mlp_generator.*`, the autoencoder's tied output layer."""
+    return {**{k: HEAD_PREFIX + k[len(HEAD_ALIAS):] for k in keys if k.startswith(HEAD_ALIAS)},
+            **{AE_PREFIX + alias: AE_PREFIX + target for alias, target in AE_ALIASES.items()}}
 
 
 def read_reference_calm(directory: pathlib.Path) -> tuple[ModelConfig, dict, dict, dict]:
@@ -220,7 +239,8 @@ def read_reference_calm(directory: pathlib.Path) -> tuple[ModelConfig, dict, dic
     if ae_k != model.patch_size:
         raise ConvertError(f"{directory}/config.json: patch_size {model.patch_size} differs from its autoencoder's "
                            f"{ae_k}. Fix: {FIX}")
-    weights = _canonical_head_names(drop_ignored(read_weights(weights_path)))
+    weights = drop_ignored(read_weights(weights_path))
+    resolve_aliases(weights, calm_aliases(list(weights)))
     check_shapes(weights, calm_reference_shapes(model, ae_vocab), FIX)
     native, ae = reference_to_calm(weights, model)
     return model, native, ae, config

@@ -2,7 +2,9 @@
 
 Export writes what `AutoTokenizer.from_pretrained(dir)` loads as a `PreTrainedTokenizerFast`:
 tokenizer.json (a tiktoken BPE file is converted with `transformers`' TikTokenConverter), plus
-tokenizer_config.json and special_tokens_map.json naming BOS/EOS/PAD.  The export is checked: the
+tokenizer_config.json and special_tokens_map.json naming BOS/EOS/PAD, `model_max_length` = the
+trained context, and `model_input_names` = input_ids, attention_mask (no token_type_ids, which
+`LlamaForCausalLM.generate(**tok(text, return_tensors="pt"))` would reject).  The export is checked: the
 converted tokenizer must give our ids on a probe text and keep every special token's id.
 
 Import copies the tokenizer files into the checkpoint's tokenizer/ and writes the dataset.json
@@ -31,15 +33,20 @@ def _fast_tokenizer(tok: Tokenizer, tokenizer_dir: pathlib.Path):
                              additional_special_tokens=names).converted()
 
 
-def export_tokenizer(tokenizer_dir: pathlib.Path, dst: pathlib.Path) -> dict[str, int | None]:
-    """Write a `transformers` tokenizer into dst; returns bos/eos/pad ids for config.json."""
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
+def export_tokenizer(tokenizer_dir: pathlib.Path, dst: pathlib.Path, max_length: int) -> dict[str, int | None]:
+    """Write a `transformers` tokenizer into dst (model_max_length = max_length tokens); returns bos/eos/pad ids
+    for config.json."""
     from transformers import PreTrainedTokenizerFast
     tok = load_dataset_tokenizer(tokenizer_dir)
     name = {i: s for s, i in tok.special.items()}
     fast = PreTrainedTokenizerFast(tokenizer_object=_fast_tokenizer(tok, tokenizer_dir), eos_token=name[tok.eos_id],
-                                   pad_token=name.get(tok.pad_id), bos_token=name.get(tok.bos_id))
+                                   pad_token=name.get(tok.pad_id), bos_token=name.get(tok.bos_id),
+                                   model_max_length=max_length, model_input_names=MODEL_INPUT_NAMES)
     wrong = {s: fast.convert_tokens_to_ids(s) for s, i in tok.special.items() if fast.convert_tokens_to_ids(s) != i}
-    if wrong or fast.encode(PROBE, add_special_tokens=False) != tok.encode(PROBE):
+    if wrong or fast.backend_tokenizer.encode(PROBE, add_special_tokens=False).ids != tok.encode(PROBE):
         raise ConvertError(f"{tokenizer_dir}: the converted Hugging Face tokenizer does not reproduce ours (special "
                            f"token ids moved: {dict(list(wrong.items())[:3])}). Fix: export from a tokenizer.json, "
                            "or a tiktoken file whose special tokens follow its ranks without gaps")

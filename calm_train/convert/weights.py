@@ -3,11 +3,18 @@
 A directory holds its weights as `model.safetensors`, `pytorch_model.bin`, or shards listed by
 `model.safetensors.index.json` / `pytorch_model.bin.index.json`.  `read_weights` loads them all
 (cast to float32) and remembers which file each key came from, so a problem names the file.
+
+Aliases: a module registered under two names (the reference autoencoder's tied output layer
+`decoder.lm_head_weight` = `encoder.embed_tokens.weight`; its CALM head `generative_head` =
+`mlp_generator`; a tied Llama's `lm_head.weight`) is saved under both names by `torch.save`
+(one storage) and by copies that clone it, or under one name by safetensors writers that drop
+the duplicate.  `resolve_aliases` accepts each alias only when it equals the tensor it names.
 """
 from __future__ import annotations
 
 import json
 import pathlib
+import pickle
 
 import torch
 
@@ -43,10 +50,15 @@ def find_weights(directory: pathlib.Path) -> pathlib.Path:
 def _read_one(path: pathlib.Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConvertError(f"{path} is missing (the weight index names it). Fix: download every shard")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import SafetensorError
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ConvertError(f"{path} cannot be read ({str(err).splitlines()[0]}): truncated or damaged. Fix: "
+                           "download it again") from err
     if not isinstance(state, dict):
         raise ConvertError(f"{path} does not hold a state dict (found {type(state).__name__}). Fix: save "
                            "`model.state_dict()` with torch.save")
@@ -67,6 +79,24 @@ def read_weights(path: pathlib.Path) -> Weights:
             tensors[key] = value.float() if value.is_floating_point() else value
             origin[key] = file
     return Weights(tensors, origin, path)
+
+
+def resolve_aliases(weights: Weights, aliases: dict[str, str]) -> Weights:
+    """Drop each `alias` key present after checking it equals its `target` (an alias without its target is
+    renamed to it); a differing alias is an error naming both keys."""
+    for alias, target in aliases.items():
+        if alias not in weights:
+            continue
+        tensor, origin = weights.pop(alias), weights.origin.pop(alias, weights.source)
+        if target not in weights:
+            weights[target], weights.origin[target] = tensor, origin
+        elif weights[target].shape != tensor.shape or not torch.equal(weights[target], tensor):
+            diff = ("shape " + str(list(tensor.shape)) if weights[target].shape != tensor.shape else
+                    f"max |difference| {(weights[target] - tensor).abs().max().item():.3g}")
+            raise ConvertError(f"{origin}: '{alias}' differs from '{target}' ({diff}), but the model ties them (one "
+                               f"tensor under two names). Fix: save both names from the same tensor, or delete "
+                               f"'{alias}' to use '{target}'")
+    return weights
 
 
 def check_shapes(weights: Weights, expected: dict[str, tuple[int, ...]], fix: str) -> None:

@@ -65,4 +65,14 @@ def read_dataset_info(data_dir) -> DatasetInfo:
     missing = sorted(n for n in names if n not in tree and n not in ("inputs", "format_version"))
     if missing:
         raise DataError(f"{path}: missing keys {missing}. Fix: rerun `calm-train prepare` with this version")
-    return DatasetInfo(**{k: v for k, v in tree.items() if k in names})
+    info = DatasetInfo(**{k: v for k, v in tree.items() if k in names})
+    for name in [info.tokenizer, *info.tokenizer_files]:
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise DataError(f"{path}: {name!r} is not a plain file name (dataset.json names files beside it; "
+                            "a path could read or write elsewhere). Fix: rerun `calm-train prepare`")
+    specials = {"eos_id": info.eos_id, "pad_id": info.pad_id, "bos_id": info.bos_id}
+    outside = {k: v for k, v in specials.items() if v is not None and not 0 <= v < info.vocab_size}
+    if outside:
+        raise DataError(f"{path}: {outside} outside the vocabulary of vocab_size={info.vocab_size}. "
+                        "Fix: rerun `calm-train prepare`")
+    return info

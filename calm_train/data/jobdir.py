@@ -1,7 +1,7 @@
 """Per-job local shard cache and private TMPDIR for StreamingDataset, and stale shared-memory cleanup.
 
     ROOT/job-<key>-<host>/owner.json   pid of the local leader that owns the job
-    ROOT/job-<key>-<host>/local/       streaming's `local`: shards copied (and hash-checked) from the data dir
+    ROOT/job-<key>-<host>/local/N/     streaming's `local` of dataset N: shards copied (and hash-checked) from its dir
     ROOT/job-<key>-<host>/tmp/         private TMPDIR: streaming's filelocks never collide with other jobs
 
 ROOT is `cache_dir`, or `calm_train_data` under the system temp dir.  A job whose owner is dead leaves
@@ -53,7 +53,7 @@ def _alive(pid: int) -> bool:
 
 
 def _segments_of(local: pathlib.Path) -> list[pathlib.Path]:
-    """/dev/shm entries of every streaming prefix registered with `local` as its local dir."""
+    """/dev/shm entries of every streaming prefix registered with `local` (or a directory in it) as a local dir."""
     found = []
     for locals_file in SHM_DIR.glob("*_locals") if SHM_DIR.is_dir() else ():
         try:
@@ -62,7 +62,7 @@ def _segments_of(local: pathlib.Path) -> list[pathlib.Path]:
             continue
         size = int.from_bytes(data[:4], "little")
         names = data[4:size].decode("utf-8", "replace").split("\0")[:-1]
-        if str(local) in names:
+        if any(name == str(local) or name.startswith(f"{local}{os.sep}") for name in names):
             prefix = locals_file.name.split("_", 1)[0]
             found += SHM_DIR.glob(f"{prefix}_*")
     return found

@@ -1,4 +1,5 @@
-"""TokenLoader: batches of one split of a prepared directory, partitioned by data-parallel rank only.
+"""TokenLoader: batches of one split of a prepared directory (or a weighted mixture of several),
+partitioned by data-parallel rank only.
 
 mosaicml-streaming 0.13 reads RANK/WORLD_SIZE/LOCAL_* from the environment and uses them twice: the
 *unique* world coordinates the processes of a node (shared memory, barriers, one shard cache), the
@@ -6,6 +7,11 @@ mosaicml-streaming 0.13 reads RANK/WORLD_SIZE/LOCAL_* from the environment and u
 launch and replace the parallel world by a one-node world of dp_size ranks in which this process is
 dp_rank, so every TP/PP rank of a replica reads the same batches, and a state saved at one dp_size
 resumes at another (fixed num_canonical_nodes=1).
+
+A mixture (data/mixing.py) is one `Stream` per dataset with `proportion` = its weight's share, so
+streaming itself draws each epoch's samples (repeating or subsampling a dataset, seeded by the shuffle
+seed and the epoch); the partition, resume and elastic resume above are unchanged.  Sample ids run over
+the datasets concatenated in order; `count_per_dataset` maps a batch's ids to the datasets.
 
 Robustness (notes/data_stack.md section 3): shards are verified against index.json before any
 dataset exists (verify=True); shards are copied from the data directory into a per-job local cache
@@ -24,12 +30,13 @@ import uuid
 
 import numpy as np
 import torch
-from streaming import StreamingDataLoader, StreamingDataset
+from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.partition import get_partitions
 from streaming.base.world import World
 
 from calm_train.data import jobdir
 from calm_train.data.dataset_info import DataError, read_dataset_info
+from calm_train.data.mixing import as_sources, count_per_source, proportions, read_mixture
 from calm_train.data.verify import verify_dataset
 
 CANONICAL_NODES = 1
@@ -98,13 +105,16 @@ class DPStreamingDataset(StreamingDataset):
 
 
 class TokenLoader:
-    def __init__(self, data_dir, split: str, batch_size: int, dp_rank: int, dp_size: int, seed: int,
+    """`data`: a prepared directory, or a data.train mixture (a list of config.DataSource)."""
+
+    def __init__(self, data, split: str, batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  shuffle: bool = True, num_workers: int = 0, cache_dir=None, verify: bool = True,
                  batch_timeout: float = 600.0):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
-        self.data_dir = pathlib.Path(data_dir)
-        self.info = read_dataset_info(self.data_dir)
+        self.sources = as_sources(data)
+        self.names = [source.name for source in self.sources]
+        self.info = read_mixture(self.sources)
         self.split, self.batch_size = split, batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         env = _launch_env()
@@ -112,7 +122,8 @@ class TokenLoader:
         error = None
         if verify and leader:
             try:
-                verify_dataset(self.data_dir, [split])
+                for source in self.sources:
+                    verify_dataset(source.path, [split])
             except DataError as err:
                 error = str(err)
         _all_ranks_ok(error)
@@ -120,11 +131,15 @@ class TokenLoader:
         self._job = jobdir.open_job(cache_dir, _broadcast_key(), leader)
         if _dist():
             _dist().barrier()
+        shares = proportions(self.sources)
         with _streaming_context(env, self._job.tmp):
+            streams = [Stream(remote=str(pathlib.Path(source.path) / split), local=str(self._job.local / str(n)),
+                              proportion=shares[n] if shares else None) for n, source in enumerate(self.sources)]
+            # a mixture is always shuffled (seeded): unshuffled, an epoch would read one dataset after another
             self.dataset = DPStreamingDataset(
-                dp_rank=dp_rank, dp_size=dp_size, remote=str(self.data_dir / split), local=str(self._job.local),
-                batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed, num_canonical_nodes=CANONICAL_NODES,
-                validate_hash="xxh64", keep_zip=False)
+                dp_rank=dp_rank, dp_size=dp_size, streams=streams, batch_size=batch_size,
+                shuffle=shuffle or len(streams) > 1,
+                shuffle_seed=seed, num_canonical_nodes=CANONICAL_NODES, validate_hash="xxh64", keep_zip=False)
 
         fork = "fork" if num_workers and "fork" in multiprocessing.get_all_start_methods() else None
         self._loader = StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,
@@ -138,13 +153,45 @@ class TokenLoader:
 
     @property
     def num_samples(self) -> int:
-        return self.info.splits[self.split]["samples"]
+        """Samples per epoch (a mixture: after each dataset's repeat or subsampling)."""
+        return int(self.dataset.epoch_size)
+
+    def count_per_dataset(self, sample_ids) -> np.ndarray:
+        """How many of a batch's samples come from each dataset, in the order of `names`."""
+        return count_per_source(sample_ids, self.dataset.sample_offset_per_stream)
+
+    @property
+    def own_samples(self) -> int:
+        """Samples of one epoch that belong to this dp rank alone (streaming deals them out in turn)."""
+        return len(range(self.dp_rank, self.dataset.epoch_size, self.dp_size))
 
     def _expected(self, sample_in_epoch: int) -> int:
         """This rank's sample count for the rest of an epoch, by streaming's own partition."""
         ids = get_partitions(self.dataset.partition_algo, self.dataset.epoch_size, CANONICAL_NODES, 1,
                              self.dp_size, max(1, self.num_workers), self.batch_size, sample_in_epoch, 1)
         return int((ids[0, self.dp_rank] >= 0).sum())
+
+    def one_pass(self):
+        """The split once from its start, with the final partial batch; every batch gets `own` [B] (bool):
+        False marks streaming's repeats that even out the dp ranks' shares (always at the end of a share).
+        Every rank yields the same number of batches of the same sizes.  Needs num_workers=0 (in order)."""
+        if self.num_workers:
+            raise ValueError("TokenLoader.one_pass reads in order: construct the loader with num_workers=0")
+        expected, own = self._expected(0), self.own_samples
+        self._yielded = 0
+        for batch in self._loader:
+            n = len(batch["sample_ids"])
+            batch["own"] = torch.arange(self._yielded, self._yielded + n) < own
+            self._yielded += n
+            yield batch
+        if self._yielded != expected:
+            raise DataError(self._short_epoch(expected))
+
+    def _short_epoch(self, expected: int) -> str:
+        where = ", ".join(str(pathlib.Path(source.path) / self.split) for source in self.sources)
+        return (f"{where}: epoch {self.epoch} ended after {self._yielded} of {expected} samples on dp rank "
+                f"{self.dp_rank} (a shard failed to load; see the worker error above). "
+                "Fix: run `calm-train verify-data DIR` on each and re-prepare the bad shard")
 
     def __iter__(self):
         while True:
@@ -161,10 +208,7 @@ class TokenLoader:
                 if n == self.batch_size:
                     yield batch
             if self._yielded != expected:
-                raise DataError(
-                    f"{self.data_dir / self.split}: epoch {self.epoch} ended after {self._yielded} of {expected} "
-                    f"samples on dp rank {self.dp_rank} (a shard failed to load; see the worker error above). "
-                    f"Fix: run `calm-train verify-data {self.data_dir}` and re-prepare the bad shard")
+                raise DataError(self._short_epoch(expected))
             self.epoch += 1
             self._epoch_offset = 0
 
@@ -194,6 +238,21 @@ class TokenLoader:
         if dist:
             dist.barrier()
         self._job.close()
+
+
+def require_one_batch(data, split: str, global_batch: int, dp_size: int) -> None:
+    """Refuse a training split (of one dataset or a mixture: data.train) in which a dp rank's share of an
+    epoch (ceil(samples / dp): streaming evens the shares out) is smaller than its batch: training reads
+    whole batches only and would wait forever."""
+    sources = as_sources(data)
+    samples = sum(read_dataset_info(source.path).splits[split]["samples"] for source in sources)
+    share, batch = -(-samples // dp_size), global_batch // dp_size
+    if share < batch:
+        where = ", ".join(str(pathlib.Path(source.path) / split) for source in sources)
+        raise DataError(f"{where}: {samples} samples are fewer than one batch: "
+                        f"train.global_batch={global_batch} over dp={dp_size} ranks needs {batch} samples per rank, "
+                        f"a rank gets {share}. Fix: prepare more data, or lower train.global_batch (and "
+                        f"train.micro_batch) to at most {share * dp_size}")
 
 
 def _broadcast_key() -> str:

@@ -23,6 +23,8 @@ import re
 import numpy as np
 import tiktoken
 
+from calm_train.data.dataset_info import DataError
+
 # Llama 3's split pattern; the default for a tiktoken file that does not name its own.
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -111,11 +113,11 @@ def load_tokenizer(path_or_spec) -> Tokenizer:
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():
                 return load_tokenizer(path / name)
-        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory. "
-                                "Fix: pass the tokenizer file itself")
+        raise DataError(f"{path}: no tokenizer.json or tokenizer.model in this directory. "
+                        "Fix: pass the tokenizer file itself")
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} does not exist. Fix: pass a tokenizer.json, a tiktoken "
-                                "BPE file (e.g. Llama 3's tokenizer.model) or train:VOCAB to prepare")
+        raise DataError(f"tokenizer {path} does not exist. Fix: pass a tokenizer.json, a tiktoken "
+                        "BPE file (e.g. Llama 3's tokenizer.model) or train:VOCAB to prepare")
     data = path.read_bytes()
     if data.lstrip()[:1] == b"{":
         return _load_hf(path, data)
@@ -137,7 +139,7 @@ def _special_ids(special: dict[str, int], config: dict, path) -> tuple[int, int,
         return value.get("content") if isinstance(value, dict) else value
     eos = _pick(EOS_NAMES, special, named("eos_token"))
     if eos is None:
-        raise ValueError(f"{path}: no end-of-text token among its special tokens {sorted(special)[:8]}. "
+        raise DataError(f"{path}: no end-of-text token among its special tokens {sorted(special)[:8]}. "
                          f"Fix: add one of {EOS_NAMES} or set eos_token in {CONFIG_NAME} beside it")
     bos = _pick(BOS_NAMES, special, named("bos_token"))
     pad = _pick(PAD_NAMES, special, named("pad_token"))
@@ -156,17 +158,17 @@ def _load_tiktoken(path: pathlib.Path, data: bytes) -> Tokenizer:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
         except ValueError as err:
-            raise ValueError(f"{path}:{n}: not a tiktoken BPE line ('base64 rank'): {line[:60]!r}. "
+            raise DataError(f"{path}:{n}: not a tiktoken BPE line ('base64 rank'): {line[:60]!r}. "
                              "Fix: pass a tokenizer.json or a tiktoken BPE file") from err
     config_path = path.parent / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     special = {v["content"]: int(k) for k, v in config.get("added_tokens_decoder", {}).items()}
     map_path = path.parent / "special_tokens_map.json"
     if not special and map_path.is_file():
-        raise ValueError(f"{config_path}: missing; {map_path.name} names special tokens but not their ids. "
+        raise DataError(f"{config_path}: missing; {map_path.name} names special tokens but not their ids. "
                          f"Fix: put the tokenizer's {CONFIG_NAME} (with added_tokens_decoder) beside {path}")
     if not special:
-        raise ValueError(f"{path}: a tiktoken file carries no special tokens and {config_path} is absent. "
+        raise DataError(f"{path}: a tiktoken file carries no special tokens and {config_path} is absent. "
                          f"Fix: put a {CONFIG_NAME} with added_tokens_decoder and eos_token beside it")
     eos, pad, bos = _special_ids(special, config, path)
     pat = config.get("pat_str", LLAMA3_PAT)
@@ -187,7 +189,11 @@ def _name_of(special: dict[str, int], token_id: int) -> str:
 def _load_hf(path: pathlib.Path, data: bytes) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
-    hf = HFTokenizer.from_str(data.decode("utf-8"))
+    try:
+        hf = HFTokenizer.from_str(data.decode("utf-8"))
+    except Exception as err:        # noqa: BLE001 - tokenizers raises its own exception type for any bad file
+        raise DataError(f"{path}: not a valid tokenizer.json ({err}). Fix: pass an intact tokenizer.json, a "
+                        "tiktoken BPE file or train:VOCAB") from err
     special = {t.content: i for i, t in hf.get_added_tokens_decoder().items()}
     config_path = path.parent / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}

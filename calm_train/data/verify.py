@@ -1,4 +1,5 @@
-"""Pre-flight check of a prepared directory: every shard's size and xxh64 against its index.json.
+"""Pre-flight check of a prepared directory: every shard's size and xxh64 against its index.json, and
+the tokenizer against dataset.json (its hash, and no more tokens than dataset.json's vocab_size).
 
 mosaicml-streaming hashes shards only when it downloads or decompresses them, and a bad shard then
 gives silently wrong samples, a short epoch or a hang (notes/data_stack.md section 3).  Checking
@@ -11,6 +12,7 @@ import pathlib
 
 
 from calm_train.data.dataset_info import DataError, DatasetInfo, read_dataset_info
+from calm_train.data.tokenizer import load_tokenizer
 from calm_train.files import sha256_file, xxh64_file
 
 __all__ = ["DataError", "read_index", "verify_dataset", "verify_shards", "xxh64_file"]
@@ -71,6 +73,10 @@ def verify_dataset(data_dir, splits: list[str] | None = None) -> DatasetInfo:
         raise DataError(f"{tok}: tokenizer file missing (named in {info_path}). {FIX}")
     if sha256_file(tok) != info.tokenizer_sha256:
         raise DataError(f"{tok}: sha256 differs from {info_path} (tokenizer replaced or corrupted). {FIX}")
+    tokens = load_tokenizer(tok).vocab_size
+    if tokens > info.vocab_size:
+        raise DataError(f"{info_path}: vocab_size={info.vocab_size} but its tokenizer {tok.name} has {tokens} "
+                        f"tokens: ids up to {tokens - 1} can be in the shards, beyond the model's embedding. {FIX}")
     if info.seq_len % info.patch_size:
         raise DataError(f"{info_path}: seq_len={info.seq_len} is not a multiple of patch_size="
                         f"{info.patch_size}. {FIX}")

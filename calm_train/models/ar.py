@@ -24,7 +24,8 @@ from calm_train.models.backbone import Backbone, token_embedding, transformer_co
 
 class ARModel(MegatronModule):
     def __init__(self, model_cfg: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
-                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32):
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                 recompute: str = "off"):
         if model_cfg.vocab_size is None:
             raise ValueError("ARModel: model.vocab_size is unset; take it from the prepared data's dataset.json "
                              "before building the model")
@@ -38,7 +39,7 @@ class ARModel(MegatronModule):
             self.embed_tokens = token_embedding(model_cfg.vocab_size, config)
         self.backbone = Backbone(arch, attention=model_cfg.attention, pre_process=pre_process,
                                  post_process=post_process, sequence_parallel=sequence_parallel,
-                                 params_dtype=params_dtype, init_std=model_cfg.init_std)
+                                 params_dtype=params_dtype, init_std=model_cfg.init_std, recompute=recompute)
         if post_process:
             # the backbone hands every TP rank the whole sequence, so the output layer is not sequence-parallel
             head_config = dataclasses.replace(config, sequence_parallel=False)

@@ -3,12 +3,16 @@
 megatron's SelfAttention projects q/k/v, applies RoPE and calls `core_attention(q, k, v, ...)`
 with [seq, batch, heads_per_partition, head_dim] tensors; the module returns
 [seq, batch, heads_per_partition * head_dim].  The backend is chosen once, in the spec
-(`core_attention_for`), never by branches in the model:
+(`resolve_attention`), never by branches in the model:
 
     softmax(q k^T * scale + causal) v       scale = 1/sqrt(head_dim)
 
 * SDPACoreAttention: torch.nn.functional.scaled_dot_product_attention (CPU and GPU).
-* FlashCoreAttention: flash_attn.flash_attn_func (CUDA, bf16/fp16).
+* FlashCoreAttention: FlashAttention-4, `flash_attn.cute.flash_attn_func` (pip package
+  flash-attn-4; CUDA on Hopper/Blackwell, bf16/fp16, no attention dropout).
+
+`model.attention=auto` takes flash where it can run and SDPA otherwise; `flash` on a machine
+where it cannot run is refused (ConfigError naming the reason), never silently replaced.
 
 Both read the KV cache that `use_kv_cache(cache)` makes active: each layer appends its new
 keys/values (already rotated at their absolute positions) and its queries attend to every
@@ -18,14 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
+import functools
+import importlib.metadata
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from calm_train.config import ConfigError
+
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
+FLASH_MIN_CAPABILITY = (9, 0)       # flash-attn-4 targets Hopper (sm90) and Blackwell (sm100+)
+FLASH_HEAD_DIMS = range(8, 257, 8)  # its sm90 kernels: 8 <= head_dim <= 256, a multiple of 16 bytes in bf16
 
 
 class KVCache:
@@ -102,37 +111,68 @@ class SDPACoreAttention(_CoreAttention):
 
 
 class FlashCoreAttention(_CoreAttention):
-    def attend(self, q_SBHD, k_SBHD, v_SBHD, past: int) -> torch.Tensor:
-        from flash_attn import flash_attn_func
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if self.dropout_p:
+            raise ValueError(f"FlashCoreAttention: flash-attn-4 has no attention dropout (got {self.dropout_p}); "
+                             "use model.attention=sdpa for dropout")
 
-        # flash_attn aligns the causal mask bottom-right when queries are fewer than keys,
-        # which is exactly "query i at position past + i sees keys 0 .. past + i".
-        out_BSHD = flash_attn_func(*(x.transpose(0, 1) for x in (q_SBHD, k_SBHD, v_SBHD)),
-                                   dropout_p=self.dropout_p if self.training else 0.0,
-                                   softmax_scale=self.softmax_scale, causal=True)
+    @torch.compiler.disable         # a CuTe-DSL kernel: compiled layers run it eagerly between their graphs
+    def attend(self, q_SBHD, k_SBHD, v_SBHD, past: int) -> torch.Tensor:
+        flash_attn_func = _flash_attn_func()[0]
+        # [B, S, H, D] views (no copy); the causal mask is aligned bottom-right when queries are fewer than
+        # keys, which is exactly "query i at position past + i sees keys 0 .. past + i".  GQA: fewer k/v heads.
+        out_BSHD, _ = flash_attn_func(*(x.transpose(0, 1) for x in (q_SBHD, k_SBHD, v_SBHD)),
+                                      softmax_scale=self.softmax_scale, causal=True)
         return out_BSHD.transpose(0, 1)
 
 
-def flash_unavailable_reason(params_dtype: torch.dtype) -> str | None:
-    """Why FlashCoreAttention cannot run here, or None when it can."""
+@functools.cache
+def _flash_attn_func():
+    """(flash_attn.cute.flash_attn_func, None), or (None, why it cannot be imported); imported once."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as exc:                    # noqa: BLE001 - ImportError, or a CUDA/driver error at import
+        return None, (f"flash_attn.cute (pip package flash-attn-4) cannot be imported: "
+                      f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return flash_attn_func, None
+
+
+def flash_unavailable_reason(params_dtype: torch.dtype, head_dim: int | None = None) -> str | None:
+    """Why FlashCoreAttention cannot run here, or None when it can (cheap checks first, the import last)."""
     if not torch.cuda.is_available():
         return "CUDA is not available"
-    if importlib.util.find_spec("flash_attn") is None:
-        return "the flash_attn package is not installed"
+    capability = torch.cuda.get_device_capability()
+    if capability < FLASH_MIN_CAPABILITY:
+        return (f"flash-attn-4 needs a Hopper or Blackwell GPU (compute capability >= 9.0), "
+                f"this one is {capability[0]}.{capability[1]}")
     if params_dtype not in (torch.bfloat16, torch.float16):
-        return f"flash_attn needs bf16/fp16 weights, the model is {params_dtype}"
-    return None
+        return f"flash-attn-4 needs bf16/fp16 weights, the model is {params_dtype}"
+    if head_dim is not None and head_dim not in FLASH_HEAD_DIMS:
+        return f"flash-attn-4 needs a head dimension in 8..256 that is a multiple of 8, the model has {head_dim}"
+    return _flash_attn_func()[1]
 
 
-def core_attention_for(name: str, params_dtype: torch.dtype = torch.float32) -> type[_CoreAttention]:
-    """Resolve model.attention: auto (flash when it can run here, else sdpa) | flash | sdpa."""
+def resolve_attention(name: str, params_dtype: torch.dtype = torch.float32,
+                      head_dim: int | None = None) -> tuple[type[_CoreAttention], str]:
+    """model.attention (auto: flash when it can run here, else sdpa | flash | sdpa) -> (module class, one
+    line saying which backend runs and why)."""
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"model.attention={name!r} is unknown: use one of {list(ATTENTION_BACKENDS)}")
+        raise ConfigError("model.attention", f"{name!r} is unknown", f"use one of {list(ATTENTION_BACKENDS)}")
     if name == "sdpa":
-        return SDPACoreAttention
-    reason = flash_unavailable_reason(params_dtype)
-    if name == "flash" and reason is not None:
-        raise ValueError(f"model.attention=flash cannot run: {reason}. Fix: on a CUDA machine install "
-                         "flash-attn (pip install '.[gpu]') and train in bf16 (train.dtype=bf16), "
-                         "or set model.attention=sdpa (or auto)")
-    return FlashCoreAttention if reason is None else SDPACoreAttention
+        return SDPACoreAttention, "sdpa (torch scaled_dot_product_attention, as configured)"
+    reason = flash_unavailable_reason(params_dtype, head_dim)
+    if reason is None:
+        return FlashCoreAttention, f"flash (flash_attn.cute, flash-attn-4 {_flash_version()})"
+    if name == "flash":
+        raise ConfigError("model.attention", f"flash cannot run here: {reason}",
+                          "on a Hopper/Blackwell GPU install the gpu extra (pip install '.[gpu]') and train in bf16 "
+                          "(train.dtype=bf16), or set model.attention=sdpa (auto falls back to it by itself)")
+    return SDPACoreAttention, f"sdpa (model.attention=auto; flash not used: {reason})"
+
+
+def _flash_version() -> str:
+    try:
+        return importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"

@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_block import (TransformerBlock, Trans
                                                          get_num_layers_to_build)
 
 from calm_train.config import BackboneArch
-from calm_train.models.attention import KVCache, core_attention_for, use_kv_cache
+from calm_train.models.attention import KVCache, resolve_attention, use_kv_cache
 from calm_train.models.rope import RotaryEmbedding
 
 
@@ -42,15 +42,21 @@ class RMSNorm(torch.nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+RECOMPUTE = {"off": {},      # megatron's activation recomputation for perf.recompute
+             "selective": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
+             "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
+
+
 def transformer_config(arch: BackboneArch, *, tp: int | None = None, pp: int | None = None,
                        sequence_parallel: bool = False, dtype: torch.dtype = torch.float32,
-                       init_std: float = 0.02) -> TransformerConfig:
+                       init_std: float = 0.02, recompute: str = "off") -> TransformerConfig:
     """megatron TransformerConfig for the backbone: SwiGLU, RMSNorm, no biases, no dropout, no fusions
     (the fused kernels need apex/Transformer Engine, which the pinned stack does not install).
-    tp/pp None: the sizes of megatron's initialised parallel_state."""
+    tp/pp None: the sizes of megatron's initialised parallel_state.  recompute: keep only each layer's
+    input ("full") or recompute its MLP ("selective") in backward; the gradients are the same."""
     tp = parallel_state.get_tensor_model_parallel_world_size() if tp is None else tp
     pp = parallel_state.get_pipeline_model_parallel_world_size() if pp is None else pp
-    return TransformerConfig(
+    return TransformerConfig(**RECOMPUTE[recompute],
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.intermediate_size,
         num_attention_heads=arch.num_heads, num_query_groups=arch.kv_heads,
         kv_channels=arch.hidden_size // arch.num_heads,
@@ -92,12 +98,14 @@ class Backbone(MegatronModule):
 
     def __init__(self, arch: BackboneArch, *, attention: str = "auto", pre_process: bool = True,
                  post_process: bool = True, sequence_parallel: bool = False,
-                 params_dtype: torch.dtype = torch.float32, init_std: float = 0.02):
-        config = transformer_config(arch, sequence_parallel=sequence_parallel, dtype=params_dtype, init_std=init_std)
+                 params_dtype: torch.dtype = torch.float32, init_std: float = 0.02, recompute: str = "off"):
+        config = transformer_config(arch, sequence_parallel=sequence_parallel, dtype=params_dtype, init_std=init_std,
+                                    recompute=recompute)
         super().__init__(config=config)
         self.pre_process, self.post_process = pre_process, post_process
         num_layers = get_num_layers_to_build(config, pp_rank=parallel_state.get_pipeline_model_parallel_rank())
-        spec = layer_spec(core_attention_for(attention, params_dtype))
+        core_attention, self.attention_backend = resolve_attention(attention, params_dtype, config.kv_channels)
+        spec = layer_spec(core_attention)
         self.decoder = TransformerBlock(
             config=config, spec=TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm),
             pre_process=pre_process, post_process=post_process)

@@ -42,7 +42,8 @@ def freeze(autoencoder: Autoencoder) -> Autoencoder:
 
 class CALM(MegatronModule):
     def __init__(self, model_cfg: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
-                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32):
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                 recompute: str = "off"):
         if model_cfg.vocab_size is None:
             raise ValueError("CALM: model.vocab_size is unset; take it from the prepared data's dataset.json "
                              "before building the model")
@@ -63,7 +64,7 @@ class CALM(MegatronModule):
             self.embed_proj.to(params_dtype)
         self.backbone = Backbone(arch, attention=model_cfg.attention, pre_process=pre_process,
                                  post_process=post_process, sequence_parallel=sequence_parallel,
-                                 params_dtype=params_dtype, init_std=model_cfg.init_std)
+                                 params_dtype=params_dtype, init_std=model_cfg.init_std, recompute=recompute)
         if post_process:
             self.generative_head = EnergyHead(h, model_cfg.ae.latent_size, model_cfg.head,
                                               model_cfg.init_std).to(params_dtype)
@@ -95,8 +96,12 @@ class CALM(MegatronModule):
         hidden_BTH = hidden_SBH.transpose(0, 1)[:, :-1]
         with torch.no_grad():
             targets_BTMD = autoencoder.posterior_samples(self.chunks(tokens_BL)[:, 1:], head.num_target_samples, rng)
-        samples_BTND = self.generative_head.sample(hidden_BTH, head.num_samples, rng)
-        return energy_score(samples_BTND, targets_BTMD, head.beta).mean()
+        return self.head_loss(hidden_BTH, self.generative_head.noise(hidden_BTH, head.num_samples, rng), targets_BTMD)
+
+    def head_loss(self, hidden_BTH: torch.Tensor, noise_BTNZ: torch.Tensor, targets_BTMD: torch.Tensor) -> torch.Tensor:
+        """Mean energy score of the head's samples (one per noise vector) against the target samples."""
+        samples_BTND = self.generative_head(hidden_BTH, noise_BTNZ)
+        return energy_score(samples_BTND, targets_BTMD, self.model_cfg.head.beta).mean()
 
     def forward(self, tokens_BL: torch.Tensor, rng: SampleRNG, autoencoder: Autoencoder) -> torch.Tensor:
         """All stages in one process: scalar training loss."""

@@ -86,12 +86,15 @@ class EnergyHead(nn.Module):
 
     def sample(self, hidden_BTH: torch.Tensor, num_samples: int, rng: SampleRNG) -> torch.Tensor:
         """[B, T, N, D] with noise ~ U[-0.5, 0.5]^noise_size drawn from the per-sample generators."""
+        return self(hidden_BTH, self.noise(hidden_BTH, num_samples, rng))
+
+    def noise(self, hidden_BTH: torch.Tensor, num_samples: int, rng: SampleRNG) -> torch.Tensor:
+        """[B, T, N, noise_size] ~ U[-0.5, 0.5], row b from generator b, in the hidden states' dtype."""
         B, T, _ = hidden_BTH.shape
         if len(rng) != B:
-            raise ValueError(f"EnergyHead.sample: the SampleRNG has {len(rng)} rows for a batch of {B}; "
+            raise ValueError(f"EnergyHead.noise: the SampleRNG has {len(rng)} rows for a batch of {B}; "
                              "pass rng.narrow(...) matching the hidden states' rows")
-        noise_BTNZ = rng.uniform(T, num_samples, self.noise_size, dtype=hidden_BTH.dtype) - 0.5
-        return self(hidden_BTH, noise_BTNZ)
+        return rng.uniform(T, num_samples, self.noise_size, dtype=hidden_BTH.dtype) - 0.5
 
 
 def pairwise_distance(a_PND: torch.Tensor, b_PMD: torch.Tensor, beta: float = 1.0) -> torch.Tensor:

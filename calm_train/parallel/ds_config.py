@@ -1,11 +1,13 @@
-"""The DeepSpeed config of a run: a JSON preset from ds_configs/, filled from the train config.
+"""The DeepSpeed config of a run: a JSON preset from calm_train/ds_configs/, filled from the train config.
 
-The preset (`parallel.ds_config`: a name in ds_configs/ or a path; None picks `zero1_pp` under
+The preset (`parallel.ds_config`: a name in calm_train/ds_configs/ (package data) or a path; None picks `zero1_pp` under
 pipeline parallelism, else `zero{parallel.zero_stage}`) holds what the train config does not:
 optimizer implementation, offload, bucket sizes.  Batch sizes, AdamW hyper-parameters, clipping,
 precision and the ZeRO stage always come from the train config.  The presets use torch's AdamW
 (`torch_adam`): no JIT build, and a resume is bit-exact (DeepSpeed's fused CPU Adam is not).
 The learning rate is set by the engine every step (`lr_at`), so the preset carries no scheduler.
+`perf.fused_adamw` (auto: on CUDA) makes it torch's fused AdamW kernel (`fused=True`, one launch for
+all tensors of a group); on CPU, and with offload (DeepSpeed's CPU Adam), it changes nothing.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from calm_train.config import Config, ConfigError
 
-DS_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def preset_path(cfg: Config) -> pathlib.Path:
@@ -73,7 +75,14 @@ def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
                    "weight_decay": t.weight_decay})
     if offloaded:
         params.pop("torch_adam", None)          # offload runs DeepSpeedCPUAdam (a JIT-built op)
+    elif params.get("torch_adam") and fused_adamw(cfg, device):
+        params["fused"] = True                  # DeepSpeed passes it on to torch.optim.AdamW
     return copy.deepcopy(ds)
+
+
+def fused_adamw(cfg: Config, device: torch.device) -> bool:
+    """perf.fused_adamw: auto and on mean fused on CUDA; CPU steps keep torch's default (foreach) kernel."""
+    return device.type == "cuda" and cfg.perf.fused_adamw in ("auto", "on")
 
 
 def lr_at(cfg: Config, step: int) -> float:

@@ -15,13 +15,18 @@ turned into NaN before backward, so the gradient norm is NaN everywhere; DeepSpe
 optimizers then skip the step, and at ZeRO stage 0 in fp32 (where DeepSpeed never skips) a
 pre-step hook on the optimizer clips and skips instead.  The frozen autoencoder of CALM is held
 by the task, outside the DeepSpeed module: it is in no optimizer, ZeRO partition or checkpoint.
+
+Host synchronisation: the step keeps its loss and gradient norm on the device (StepResult reads
+them when asked, e.g. at a log step), so the host enqueues the next micro-batch while the GPU
+still works.  What remains per step is DeepSpeed's own overflow check before the update, which
+decides `skipped`.  Speed switches (`perf.*`): fused AdamW (ds_config), torch.compile of the hot
+paths (parallel/compile.py), activation recomputation (the backbone's megatron config).
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-from dataclasses import dataclass
 
 import deepspeed
 import deepspeed.ops
@@ -30,9 +35,11 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import is_model_parallel_parameter
 from megatron.core import parallel_state as ps
 from torch import nn
+from torch.profiler import record_function
 
 from calm_train.config import Config
 from calm_train.models.rng import EVAL_STEP, SampleRNG, sample_seeds
+from calm_train.parallel.compile import compile_hot_paths
 from calm_train.parallel.ds_config import deepspeed_config, lr_at, train_dtype
 from calm_train.parallel.export import full_state_dict
 from calm_train.parallel.pipeline import Pipeline, poisoned
@@ -42,12 +49,30 @@ __all__ = ["TrainEngine", "StepResult", "World", "build_world"]
 
 
 
-@dataclass
 class StepResult:
-    loss: float         # mean over the global batch, identical on every rank
-    grad_norm: float    # global L2 norm before clipping (inf/nan when skipped)
-    lr: float
-    skipped: bool
+    """One optimizer step.  `loss` (mean over the global batch, identical on every rank) and `grad_norm`
+    (global L2 norm before clipping; inf/nan when skipped) stay on the device until first read."""
+
+    def __init__(self, loss_total: torch.Tensor, loss_count: int, grad_norm, lr: float, skipped: bool):
+        self._loss_total, self._loss_count, self._grad_norm = loss_total, loss_count, grad_norm
+        self.lr, self.skipped = lr, skipped
+
+    @property
+    def loss(self) -> float:
+        return float(self._loss_total) / self._loss_count
+
+    @property
+    def grad_norm(self) -> float:
+        return math.nan if self._grad_norm is None else float(self._grad_norm)
+
+    def _values(self) -> tuple:
+        return self.loss, self.grad_norm, self.lr, self.skipped
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StepResult) and self._values() == other._values()
+
+    def __repr__(self) -> str:
+        return "StepResult(loss={}, grad_norm={}, lr={}, skipped={})".format(*self._values())
 
 
 class TrainModule(nn.Module):
@@ -140,6 +165,7 @@ class TrainEngine:
                                  params_dtype=self.dtype).to(world.device)
         if cfg.parallel.sequence_parallel:
             add_sequence_parallel_hooks(model)
+        self.compiled = compile_hot_paths(model) if cfg.perf.compile == "on" else []
         module = TrainModule(task, model, pipelined=world.pp_size > 1)
         ds_cfg = deepspeed_config(cfg, world.dp_size, world.device)
         # DeepSpeed's default 5e8-element buckets allocate ~2 GiB fp32 per step even for a tiny model: a bucket
@@ -169,17 +195,22 @@ class TrainEngine:
             raise ValueError(f"TrainEngine: {tokens_BL.shape[0]} sequences with {sample_ids.shape[0]} sample ids "
                              f"do not split into micro-batches of train.micro_batch={micro}. Fix: feed "
                              "train.global_batch / dp sequences and one id per sequence")
-        return list(zip(tokens_BL.to(self.world.device).split(micro), sample_ids.split(micro)))
+        if self.world.device.type == "cuda" and tokens_BL.device.type == "cpu":
+            tokens_BL = tokens_BL.pin_memory()      # a copy from pinned memory does not wait for the GPU to drain
+        tokens_BL = tokens_BL.to(self.world.device, non_blocking=True)
+        return list(zip(tokens_BL.split(micro), sample_ids.split(micro)))
 
     def _rng(self, step: int, ids: torch.Tensor) -> SampleRNG:
         return SampleRNG(sample_seeds(self.cfg.train.seed, step, ids), self.world.device)
 
-    def _global_mean(self, loss_sum: float, n_micro: int) -> float:
-        """Mean over the global batch from the per-rank sums of micro-batch means (last stage only)."""
-        total = torch.tensor([loss_sum if self.world.is_last_stage else 0.0], dtype=torch.float64,
-                             device=self.world.device)
+    def _global_sum(self, loss_sum) -> torch.Tensor:
+        """Sum over the global batch of the per-rank sums of micro-batch means (last stage only), float64 on the
+        device: an all-reduce the host does not wait for.  Divide by n_micro x dp x tp for the mean."""
+        total = torch.zeros(1, dtype=torch.float64, device=self.world.device)
+        if self.world.is_last_stage:
+            total += loss_sum
         dist.all_reduce(total)
-        return float(total) / (n_micro * self.world.dp_size * self.world.tp_size)
+        return total
 
     def train_step(self, tokens_BL: torch.Tensor, sample_ids: torch.Tensor, step: int) -> StepResult:
         lr = lr_at(self.cfg, step)
@@ -189,33 +220,57 @@ class TrainEngine:
         micro_batches = self._micro_batches(tokens_BL, sample_ids)
         if self.pipeline is not None:
             loss_sum = self.pipeline.run(tokens_BL, sample_ids, step, train=True)
-            self.ds.step()
-        else:
-            loss_sum = 0.0
-            for tokens, ids in micro_batches:
-                loss = self.ds(tokens, self._rng(step, ids))
-                self.ds.backward(poisoned(loss))
+            with record_function("engine.optimizer_step"):
                 self.ds.step()
-                loss_sum += float(loss.detach())
+        else:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
+            for tokens, ids in micro_batches:
+                with record_function("engine.forward"):
+                    loss = self.ds(tokens, self._rng(step, ids))
+                with record_function("engine.backward"):
+                    self.ds.backward(poisoned(loss))
+                with record_function("engine.optimizer_step"):
+                    self.ds.step()
+                loss_sum += loss.detach().double()
         if self.guard is not None:
             norm, skipped = self.guard.norm, self.guard.skipped
         else:
             norm, skipped = self.ds.get_global_grad_norm(), not self.ds.was_step_applied()
-            norm = float(norm) if norm is not None else math.nan
-        return StepResult(loss=self._global_mean(loss_sum, len(micro_batches)), grad_norm=norm, lr=lr,
-                          skipped=skipped)
+        return StepResult(self._global_sum(loss_sum), self._mean_count(len(micro_batches)), norm, lr, skipped)
+
+    def _mean_count(self, n_micro: int) -> int:
+        return n_micro * self.world.dp_size * self.world.tp_size
 
     @torch.no_grad()
-    def eval_loss(self, tokens_BL: torch.Tensor, sample_ids: torch.Tensor) -> float:
-        """Mean loss over the global batch without gradients (model in eval mode, fixed noise)."""
+    def eval_losses(self, tokens_BL: torch.Tensor, sample_ids: torch.Tensor) -> list[float] | None:
+        """The mean loss of each micro-batch of this replica's batch, without gradients (model in eval mode,
+        fixed noise), on the last pipeline stage (None on the others); no collective beyond the replica's."""
         self.ds.eval()
         micro_batches = self._micro_batches(tokens_BL, sample_ids)
         if self.pipeline is not None:
-            loss_sum = self.pipeline.run(tokens_BL, sample_ids, EVAL_STEP, train=False)
+            self.pipeline.run(tokens_BL, sample_ids, EVAL_STEP, train=False)
+            losses = self.pipeline.micro_losses() if self.world.is_last_stage else None
         else:
-            loss_sum = sum(float(self.ds(tokens, self._rng(EVAL_STEP, ids))) for tokens, ids in micro_batches)
+            losses = [float(self.ds(tokens, self._rng(EVAL_STEP, ids))) for tokens, ids in micro_batches]
         self.ds.train()
-        return self._global_mean(loss_sum, len(micro_batches))
+        return losses
+
+    def eval_loss(self, tokens_BL: torch.Tensor, sample_ids: torch.Tensor) -> float:
+        """Mean loss over the global batch without gradients (model in eval mode, fixed noise)."""
+        losses = self.eval_losses(tokens_BL, sample_ids)
+        n_micro = tokens_BL.shape[0] // self.cfg.train.micro_batch
+        return float(self._global_sum(sum(losses) if losses is not None else 0.0)) / self._mean_count(n_micro)
+
+    def describe(self) -> str:
+        """One line: the attention backend that runs, precision, optimizer kernel, compile and recomputation."""
+        backbone = getattr(self.model, "backbone", None)
+        optimizer = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)      # inside DeepSpeed's wrapper
+        master = " with fp32 master weights" if self.dtype == torch.bfloat16 else ""
+        parts = [f"attention {backbone.attention_backend}" if backbone is not None else None,
+                 f"{str(self.dtype)[6:]} weights{master}",
+                 f"optimizer {type(optimizer).__name__} ({'fused' if optimizer.defaults.get('fused') else 'not fused'})",
+                 f"compiled: {', '.join(self.compiled) or 'nothing'}", f"recompute {self.cfg.perf.recompute}"]
+        return "; ".join(p for p in parts if p)
 
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self, directory, tag: str, client_state: dict) -> None:

@@ -41,6 +41,12 @@ def _rename(name: str, prefixes: dict[str, str]) -> str:
     return name
 
 
+def global_names(model: nn.Module) -> dict[str, str]:
+    """Each parameter's name in the tp = pp = 1 model (pipeline layers renumbered globally)."""
+    prefixes = _global_layer_prefixes(model)
+    return {name: _rename(name, prefixes) for name, _ in model.named_parameters()}
+
+
 def _gather_tensor_parallel(shard: torch.Tensor, dim: int, stride: int) -> torch.Tensor:
     group = ps.get_tensor_model_parallel_group()
     shards = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]

@@ -26,8 +26,9 @@ from calm_train.models.rng import SampleRNG, sample_seeds
 
 
 def poisoned(loss: torch.Tensor) -> torch.Tensor:
-    """loss, or NaN-scaled when non-finite, so every gradient (and the global norm) is NaN and the step skips."""
-    return loss if bool(torch.isfinite(loss)) else loss * float("nan")
+    """loss, or NaN-scaled when non-finite, so every gradient (and the global norm) is NaN and the step skips.
+    Decided on the device (a finite loss is multiplied by exactly 1): the host does not wait for the GPU."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
 
 
 class _EngineStage(nn.Module):
@@ -87,3 +88,7 @@ class Pipeline:
         else:
             schedule.eval(*args, target=target, losses=[] if target is not None else None)
         return sum(self._losses)
+
+    def micro_losses(self) -> list[float]:
+        """The last stage's mean loss of each micro-batch of the latest `run`, in order."""
+        return list(self._losses)

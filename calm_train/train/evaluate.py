@@ -146,7 +146,7 @@ def brier_fields(totals: dict, samples: int) -> dict:
     row["brierlm"] = brierlm(brier)
     row.update({f"brier{n}_se": se[n - 1] for n in range(1, MAX_N + 1)})
     row["brierlm_se"] = brierlm_standard_error(brier, covariance.tolist())
-    row["brier_positions"] = int(totals["brier_count"])
+    row["brier_positions"] = round(float(totals["brier_count"]))
     row["brier_samples"] = samples
     row["brier_near_zero"] = near_zero(brier, se)
     return row
@@ -173,30 +173,66 @@ def all_reduce_totals(totals: dict, device) -> dict:
     return out
 
 
+def plan_micro_batches(own_B: torch.Tensor, micro: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Rows of a batch in micro-batches of exactly `micro` rows, and weights such that the weighted sum of
+    the micro-batches' mean losses is the loss summed over the own rows, each counted once: whole
+    micro-batches of own rows (weight micro), then each own row left over repeated `micro` times (weight 1:
+    copies of one sample, with its sample id and so its noise, have its loss as their mean)."""
+    rows = own_B.nonzero().flatten()
+    whole = len(rows) // micro * micro
+    groups = list(rows[:whole].view(-1, micro)) + [row.repeat(micro) for row in rows[whole:]]
+    return groups, [micro] * (whole // micro) + [1] * (len(rows) - whole)
+
+
+def _max_over_ranks(value: int) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box)
+
+
 def evaluate_run(run, step: int) -> dict[str, float]:
-    """One evaluation inside a training run: train.eval_batches validation batches in all, split over DP ranks."""
+    """One evaluation inside a training run: one pass over the validation split, at most train.eval_batches
+    batches of micro_batch x pp sequences over all DP ranks; every sample it reaches is counted once."""
     from calm_train.data.loader import TokenLoader
-    cfg = run.cfg
-    data_dir, split = validation_source(cfg)
-    per_batch = cfg.train.micro_batch * cfg.parallel.pp      # a pipeline needs >= pp microbatches per batch
-    loader = TokenLoader(data_dir, split, batch_size=per_batch, dp_rank=run.world.dp_rank,
+    cfg, world = run.cfg, run.world
+    data_dir, split = run.validation                  # Run.evaluate skips a run without validation data
+    micro, pp = cfg.train.micro_batch, cfg.parallel.pp
+    loader = TokenLoader(data_dir, split, batch_size=micro * pp, dp_rank=world.dp_rank,
                          dp_size=run.dp, seed=cfg.train.seed, shuffle=False, verify=False)
-    totals: dict = {}
+    totals = {key: torch.zeros((), dtype=torch.float64) for key in ("samples", "loss", "loss_count")}
     model = run.engine.model
     was_training = model.training
     model.eval()
     batches = max(1, cfg.train.eval_batches // run.dp)          # train.eval_batches counts over all DP ranks
-    pool = reference_pool(cfg) if cfg.model.kind == "calm" and cfg.parallel.pp == 1 else None
-    for _, batch in zip(range(batches), loader):
-        tokens = batch["tokens"].to(run.world.device)
-        loss = run.engine.eval_loss(tokens, batch["sample_ids"])
-        accumulate(totals, {"loss": torch.tensor(loss * tokens.shape[0]), "loss_count": torch.tensor(float(tokens.shape[0]))})
-        if cfg.parallel.pp == 1:
-            accumulate(totals, batch_metric_sums(cfg.model.kind, model, run.autoencoder, tokens,
-                                                 batch["sample_ids"], cfg.train.seed, cfg.model.patch_size,
-                                                 cfg.train.eval_samples, pool))
+    pool = reference_pool(cfg) if cfg.model.kind == "calm" and pp == 1 else None
+    for _, batch in zip(range(batches), loader.one_pass()):
+        groups, weights = plan_micro_batches(batch["own"], micro)
+        # every rank runs as many micro-batches (ZeRO-3 gathers weights in each forward), a multiple of pp
+        # (a pipeline needs >= pp): weight-0 padding repeats row 0
+        padding = -(-_max_over_ranks(len(groups)) // pp) * pp - len(groups)
+        groups, weights = groups + [torch.zeros(micro, dtype=torch.long)] * padding, weights + [0] * padding
+        totals["samples"] += float(batch["own"].sum())
+        for first in range(0, len(groups), pp):
+            rows = torch.cat(groups[first:first + pp])
+            tokens, ids = batch["tokens"][rows].to(world.device), batch["sample_ids"][rows]
+            losses = run.engine.eval_losses(tokens, ids)
+            chunk = weights[first:first + pp]
+            if losses is not None:
+                accumulate(totals, {"loss": torch.tensor(sum(loss * w for loss, w in zip(losses, chunk))),
+                                    "loss_count": torch.tensor(float(sum(chunk)))})
+            if pp == 1:
+                sums = batch_metric_sums(cfg.model.kind, model, run.autoencoder, tokens, ids, cfg.train.seed,
+                                         cfg.model.patch_size, cfg.train.eval_samples, pool)
+                accumulate(totals, {k: v * (chunk[0] / micro) for k, v in sums.items()})
+    loader.close()
     model.train(was_training)
-    return finish(all_reduce_totals(totals, run.world.device), cfg.model.kind, cfg.train.eval_samples)
+    # TP and PP partners add identical copies (samples on every rank, metrics on the ranks that compute
+    # them): dividing by tp x pp leaves the means unchanged and makes counts, and so standard errors, right
+    copies = world.tp_size * world.pp_size
+    totals = {key: value / copies for key, value in all_reduce_totals(totals, world.device).items()}
+    return {**finish(totals, cfg.model.kind, cfg.train.eval_samples), "samples": round(float(totals["samples"]))}
 
 
 def reference_pool(cfg, data_dir: str | None = None):
@@ -210,10 +246,21 @@ def reference_pool(cfg, data_dir: str | None = None):
     return training_pool(str(pathlib.Path(data_dir).resolve()), cfg.model.patch_size, cfg.model.vocab_size)
 
 
-def validation_source(cfg) -> tuple[str, str]:
-    """data.val (its val split if any, else its train split), or the val split of data.train."""
-    from calm_train.data.dataset_info import read_dataset_info
+def validation_source(cfg) -> tuple | None:
+    """data.val (its val split if any, else its train split), or the val split of data.train (a mixture:
+    the same weighted mixture of its datasets' val splits); None when data.val is unset and data.train has
+    no val split (prepared with --val-fraction 0)."""
+    from calm_train.data.dataset_info import DataError, read_dataset_info
+    from calm_train.data.mixing import as_sources
     if cfg.data.val:
         splits = read_dataset_info(cfg.data.val).splits
         return cfg.data.val, "val" if "val" in splits else "train"
+    sources = as_sources(cfg.data.train)
+    without = [s.path for s in sources if "val" not in read_dataset_info(s.path).splits]
+    if len(without) == len(sources):
+        return None
+    if without:
+        raise DataError(f"{without[0]} has no val split, other datasets of data.train do: the mixture cannot be "
+                        "evaluated on its own val splits. Fix: set data.val=DIR (one prepared directory), or "
+                        "prepare every dataset with --val-fraction > 0")
     return cfg.data.train, "val"

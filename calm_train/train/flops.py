@@ -1,8 +1,14 @@
-"""Model FLOPs per trained token (forward + backward = 3 x forward; frozen parts forward only) and peak FLOP/s.
+"""Model FLOPs per trained token (forward + backward = 3 x forward; frozen parts forward only) and MFU.
 
 Counts matrix multiplies only (2 FLOPs per multiply-add), as MFU conventionally does:
 backbone (projections, attention scores and values, SwiGLU MLP), CALM input compression, energy
 head (x N samples), frozen autoencoder encoder (forward only), AR vocabulary head.
+
+MFU has one meaning: model FLOP/s per device over the device's peak.  The peak is `train.peak_flops`
+when set, else the vendor's dense bf16 spec for a known GPU (SPEC_PEAK_BF16), else a GEMM measured at
+the start; `mfu_peak_source` names which.  The measured-GEMM figure is always reported too
+(`mfu_measured`).  A measurement taken while the machine was busy can fall below what a step then
+achieves; the measured peak is raised to the best achieved rate, so `mfu_measured` never exceeds 1.
 """
 from __future__ import annotations
 
@@ -63,6 +69,49 @@ def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
     head = 2 * h * h + m.head.num_samples * energy_head_forward_flops(m)
     trained = compression + backbone_forward_flops(m.backbone, positions) + head
     return (3 * trained + encoder_forward_flops(m.ae, k)) / k
+
+
+# Dense (no sparsity) bf16 tensor-core peaks per GPU, from the vendor's data sheets; the first name
+# contained in torch.cuda.get_device_name() wins.  H100 without "PCIe" is the SXM part (H100 NVL: unlisted).
+SPEC_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", None), ("H200", 989.4e12), ("H100", 989.4e12),
+                  ("A100", 312e12))
+
+
+def spec_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The spec bf16 peak of a known device name, else None (other dtypes: None)."""
+    if dtype != torch.bfloat16:
+        return None
+    return next((peak for name, peak in SPEC_PEAK_BF16 if name in device_name), None)
+
+
+class MFU:
+    """Model FLOPs utilisation against the chosen peak, and against the measured GEMM peak."""
+
+    def __init__(self, flops_per_token: float, world_size: int, measured: float, spec: float | None,
+                 configured: float, device_name: str):
+        self.flops_per_token, self.world_size, self.measured = flops_per_token, world_size, measured
+        self.raised = False
+        if configured:
+            self.peak, self.source = configured, "train.peak_flops"
+        elif spec:
+            self.peak, self.source = spec, f"spec {device_name} bf16 dense"
+        else:
+            self.peak, self.source = None, "measured GEMM"
+
+    def row(self, tokens_per_s: float) -> tuple[dict, str | None]:
+        """Metrics keys mfu, mfu_peak_source, mfu_peak_tflops, mfu_measured; and a note the first time the
+        measured peak is raised."""
+        achieved = self.flops_per_token * tokens_per_s / self.world_size
+        note = None
+        if achieved > self.measured:
+            if not self.raised:
+                note = (f"MFU: the GEMM peak measured at the start ({self.measured / 1e12:.4g} TFLOP/s) is below "
+                        f"the achieved {achieved / 1e12:.4g} TFLOP/s (the machine was busy while measuring); the "
+                        "measured peak follows the best achieved rate from now on")
+            self.measured, self.raised = achieved, True
+        peak = self.peak or self.measured
+        return {"mfu": achieved / peak, "mfu_peak_source": self.source, "mfu_peak_tflops": peak / 1e12,
+                "mfu_measured": achieved / self.measured}, note
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:

@@ -1,7 +1,8 @@
 """The frozen autoencoder a CALM run trains against: found, checked against the CALM config, loaded.
 
-`model.autoencoder` may be a run directory (its latest complete checkpoint), a checkpoint directory,
-or a directory in the reference release's Hugging Face layout (config.json + weights).  Its latent
+`model.autoencoder` may be a run directory (its latest complete checkpoint), a checkpoint directory
+(an autoencoder's, or a CALM checkpoint's frozen autoencoder), or a directory in the reference
+release's Hugging Face layout (config.json + weights; an autoencoder's, or a CALM's `ae_model`).  Its latent
 size, K and vocabulary must equal the CALM config's; the rest of its architecture is taken from it.
 The loaded module has requires_grad False everywhere, stays in eval mode, and is never registered
 in the CALM model (so never in an optimizer, a ZeRO partition or a checkpoint's trainable state).
@@ -33,7 +34,7 @@ class AutoencoderRef:
 
 
 def find_autoencoder(spec: str) -> AutoencoderRef:
-    from calm_train.convert.native import resolve_checkpoint
+    from calm_train.convert.native import AUTOENCODER_SPEC, AUTOENCODER_WEIGHTS, resolve_checkpoint
     from calm_train.files import sha256_file
     path = pathlib.Path(spec)
     if not path.exists():
@@ -45,6 +46,11 @@ def find_autoencoder(spec: str) -> AutoencoderRef:
         return AutoencoderRef(path, weights, arch, vocab, k, sha256_file(weights), "hf")
     ckpt = resolve_checkpoint(path)
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    if saved["model"]["kind"] == "calm" and (ckpt / AUTOENCODER_WEIGHTS).is_file():
+        frozen = yaml.safe_load((ckpt / AUTOENCODER_SPEC).read_text())
+        weights = ckpt / AUTOENCODER_WEIGHTS
+        return AutoencoderRef(ckpt, weights, AutoencoderArch(**frozen["arch"]), frozen["vocab_size"],
+                              frozen["patch_size"], sha256_file(weights), "native")
     if saved["model"]["kind"] != "autoencoder":
         raise UserError(f"config key 'model.autoencoder': {ckpt} holds a {saved['model']['kind']} model, not an "
                         "autoencoder. Fix: point it at the autoencoder's run directory")

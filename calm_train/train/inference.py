@@ -1,7 +1,9 @@
 """`calm-train eval` and `calm-train generate`: one process, any checkpoint form, no training state.
 
 A checkpoint is self-contained: config.yaml, tokenizer/, model.safetensors (the full model whatever
-layout trained it) and, for CALM, autoencoder.safetensors + autoencoder.yaml (the frozen AE).
+layout trained it) and, for CALM, autoencoder.safetensors + autoencoder.yaml (the frozen AE).  An
+exported or foreign directory (Hugging Face Llama, the reference CALM layout) is read through
+convert/sources.py in memory; nothing is written.
 """
 from __future__ import annotations
 
@@ -10,9 +12,8 @@ import pathlib
 import sys
 
 import torch
-import yaml
 
-from calm_train.config import Config, config_from_tree
+from calm_train.config import Config
 from calm_train.errors import UserError
 
 
@@ -26,32 +27,36 @@ class Loaded:
 
 
 def load_for_inference(spec: str, device) -> Loaded:
-    """Inside runtime.single_process(): resolve, verify and load a checkpoint for evaluation or generation."""
-    from safetensors.torch import load_file
-    from calm_train.convert.native import load_autoencoder_file, resolve_checkpoint, verify_checkpoint
-    from calm_train.data.tokenizer import load_dataset_tokenizer
-    ckpt = resolve_checkpoint(spec)
-    verify_checkpoint(ckpt)
-    cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    """Inside runtime.single_process(): resolve, verify and load a checkpoint (or read an exported directory)
+    for evaluation or generation."""
+    from calm_train.convert.sources import open_source
     from calm_train.train.tasks import task_for
-    autoencoder = load_autoencoder_file(ckpt, device) if cfg.model.kind == "calm" else None
+    source = open_source(spec)
+    cfg = source.config
+    tokenizer = source.tokenizer()
+    if tokenizer is None:
+        raise UserError(f"{source.path} holds no tokenizer.json or tokenizer.model. Fix: put the model's tokenizer "
+                        "files beside its config.json")
+    state, autoencoder = source.read()
+    if autoencoder is not None:
+        autoencoder = autoencoder.to(device)
     model = task_for(cfg, autoencoder).build_model(cfg)
-    state = load_file(str(ckpt / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise UserError(f"{ckpt}/model.safetensors does not fit the model in {ckpt}/config.yaml (missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}). Fix: use the config it was saved with")
+        raise UserError(f"{source.weights} does not fit the model of {source.path} (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}). Fix: use the config it was saved with")
     model = model.to(device).eval()
-    return Loaded(cfg, model, autoencoder, load_dataset_tokenizer(ckpt / "tokenizer"), ckpt)
+    return Loaded(cfg, model, autoencoder, tokenizer, source.path)
 
 
 def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | None = None, seed: int = 0,
                         samples: int | None = None, train_data: str | None = None) -> dict:
-    """Metrics of a checkpoint on held-out data (see train/evaluate.py; CALM adds train/calm_diagnostics.py).
+    """Score every sample of the validation split exactly once (or the first max_tokens // seq_len of them).
 
-    samples: CALM head samples per position for the Brier estimates (default 2); train_data: the prepared
-    directory whose training split is CALM's chunk reference (default: the run's data.train).
+    See train/evaluate.py; CALM adds train/calm_diagnostics.py.  samples: CALM head samples per position
+    for the Brier estimates (default 2); train_data: the prepared directory whose training split is CALM's
+    chunk reference (default: the run's data.train).
     """
     from calm_train.data.loader import TokenLoader
     from calm_train.parallel import runtime
@@ -68,7 +73,13 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         samples = samples or 2
         if data:
             cfg.data.val = data
-        data_dir, split = validation_source(cfg)
+        elif not cfg.data.train:
+            raise UserError(f"{loaded.checkpoint} names no data (an exported or converted model). Fix: pass --data DIR "
+                            "(a `calm-train prepare` output with the model's tokenizer)")
+        source = validation_source(cfg)
+        if source is None:
+            raise UserError(f"{cfg.data.train} has no val split and the run set no data.val. Fix: pass "
+                            "--data DIR of a prepared directory to evaluate on")
         pool = None
         if kind == "calm":
             if train_data:
@@ -77,19 +88,25 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
             if pool is None:
                 print(f"calm-train eval: note: no training data at {train_data or cfg.data.train}: the marginal energy "
                       "and real-chunk fractions are left out (pass --train-data DIR)", file=sys.stderr)
-        loader = TokenLoader(data_dir, split, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
+        loader = TokenLoader(*source, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
                              shuffle=False, verify=True)
+        seq_len = loader.info.seq_len
+        limit = loader.num_samples if max_tokens is None else min(loader.num_samples, max_tokens // seq_len)
+        if limit < 1:
+            raise UserError(f"--max-tokens {max_tokens} is less than one sample of {seq_len} tokens. "
+                            f"Fix: give --max-tokens {seq_len} or more")
         totals: dict = {}
-        tokens_seen, limit = 0, max_tokens or loader.num_samples * cfg.data.seq_len
-        for batch in loader:
-            tokens = batch["tokens"].to(world.device)
-            accumulate(totals, batch_metric_sums(kind, loaded.model, loaded.autoencoder, tokens,
-                                                 batch["sample_ids"], seed, cfg.model.patch_size, samples, pool))
-            tokens_seen += tokens.numel()
-            if tokens_seen >= limit:
+        scored = 0
+        for batch in loader.one_pass():
+            tokens, ids = batch["tokens"][:limit - scored].to(world.device), batch["sample_ids"][:limit - scored]
+            accumulate(totals, batch_metric_sums(kind, loaded.model, loaded.autoencoder, tokens, ids,
+                                                 seed, cfg.model.patch_size, samples, pool))
+            scored += len(ids)
+            if scored == limit:
                 break
-        return {"checkpoint": str(loaded.checkpoint), "kind": kind, "tokens": tokens_seen,
-                **finish(totals, kind, samples)}
+        loader.close()
+        return {"checkpoint": str(loaded.checkpoint), "kind": kind, "samples": scored,
+                "tokens": scored * seq_len, **finish(totals, kind, samples)}
 
 
 def check_same_tokenizer(data_dir: str, checkpoint: pathlib.Path) -> None:
@@ -110,10 +127,18 @@ def generate_text(spec: str, prompt: str, temperature: float = 1.0, max_new_toke
         loaded = load_for_inference(spec, world.device)
         ids = loaded.tokenizer.encode(prompt)
         kind = loaded.cfg.model.kind
+        context = loaded.cfg.data.seq_len
+        if context and len(ids) + max_new_tokens > context:
+            print(f"calm-train generate: warning: the prompt's {len(ids)} tokens + --max-new-tokens {max_new_tokens} "
+                  f"exceed the {context} tokens the model was trained on (data.seq_len); positions beyond them were "
+                  "never trained and the text usually degrades there", file=sys.stderr)
         if kind == "autoencoder":
             raise UserError(f"{loaded.checkpoint} is an autoencoder: it reconstructs chunks, it does not continue "
                             "text. Fix: generate with a CALM or AR checkpoint")
         from calm_train.models.generate import generate_ar, generate_calm
+        if kind == "ar" and not ids:
+            raise UserError(f"--prompt {prompt!r} has no tokens, and the AR model {loaded.checkpoint} continues "
+                            "at least one. Fix: give a non-empty --prompt")
         if kind == "calm":
             out = generate_calm(loaded.model, loaded.autoencoder, ids, max_new_tokens, temperature, seed,
                                 pad_id=loaded.tokenizer.pad_id)

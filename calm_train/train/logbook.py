@@ -1,13 +1,16 @@
-"""Rank-0 run logging per the run-directory contract: metrics.jsonl, eval.jsonl, progress, wandb."""
+"""Rank-0 run logging per the run-directory contract: metrics.jsonl, eval.jsonl, progress, wandb, TensorBoard."""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import pathlib
+import numbers
 import sys
 
+from calm_train.errors import UserError
 from calm_train.files import write_atomic
+from calm_train.train.progress import ProgressDisplay
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -37,9 +40,15 @@ class Logbook:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
         self.total = total_steps
-        self.progress = enabled and cfg.logging.progress
-        self.wandb = None
+        self.progress = ProgressDisplay(total_steps) if enabled and cfg.logging.progress else None
+        self.wandb = self.tensorboard = None
         self.cfg, self.run_dir = cfg, run_dir
+        if enabled and cfg.logging.tensorboard:
+            try:
+                import torch.utils.tensorboard  # noqa: F401 - fail before training, not at the first row
+            except ImportError as err:
+                raise UserError(f"config key 'logging.tensorboard' is true but TensorBoard cannot be imported ({err}). "
+                                "Fix: pip install tensorboard, or set logging.tensorboard=false") from err
 
     def resume_at(self, step: int) -> None:
         """Drop the lines of steps after the checkpoint the run continues from (0: a fresh start)."""
@@ -54,41 +63,57 @@ class Logbook:
             self.wandb = wandb.init(project=self.cfg.logging.project, mode=self.cfg.logging.wandb,
                                     config=to_dict(self.cfg), dir=str(self.run_dir), name=self.run_dir.name,
                                     id=run_id, resume="allow")
+        if self.cfg.logging.tensorboard and self.tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: TensorBoard hides the events of steps after the checkpoint, which are redone
+            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1 if step else None)
 
     def _append(self, path: pathlib.Path, row: dict) -> None:
         with open(path, "a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 
-    def step(self, row: dict, eta_s: float | None) -> None:
+    def advance(self, step: int, seconds: float, tokens: int, loss: float) -> None:
+        """After every step: the progress bar and the ETA window."""
+        if self.progress is not None:
+            self.progress.advance(step, seconds, tokens, loss)
+
+    def step(self, row: dict) -> None:
         if not self.enabled:
             return
         self._append(self.metrics_path, row)
-        if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
-        if self.progress:
-            done = row["step"] / self.total
-            bar = "#" * int(24 * done) + "-" * (24 - int(24 * done))
-            eta = f"{eta_s:6.0f}s" if eta_s is not None else "     ?"
-            sys.stderr.write(f"\r[{bar}] step {row['step']}/{self.total} loss {row['loss']:.4f} "
-                             f"{row['tokens_per_s']:.0f} tok/s eta {eta}")
-            if row["step"] == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        self._scalars("train", row)
+        if self.progress is not None:
+            self.progress.logged(row)
 
     def evaluation(self, row: dict) -> None:
         if not self.enabled:
             return
         self._append(self.eval_path, row)
-        if self.wandb is not None:
-            self.wandb.log({f"eval/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
-        if self.progress:
-            sys.stderr.write("\n")
+        self._scalars("eval", row)
         self.event("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
+    def _scalars(self, group: str, row: dict) -> None:
+        """The row's numbers to wandb and TensorBoard as `group/key`."""
+        values = {f"{group}/{k}": v for k, v in row.items()
+                  if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+        if self.wandb is not None:
+            self.wandb.log(values, step=row["step"])
+        if self.tensorboard is not None:
+            for tag, value in values.items():
+                self.tensorboard.add_scalar(tag, value, row["step"])
+
     def event(self, message: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.write(f"[calm-train] {message}")
+        else:
             print(f"[calm-train] {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

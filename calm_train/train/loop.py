@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 
 from calm_train.config import Config, data_parallel_size, to_dict, to_yaml, validate, validate_layout
+from calm_train.data.loader import require_one_batch
 from calm_train.errors import UserError, user_errors
 from calm_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from calm_train.train.flops import measure_peak_flops, train_flops_per_token
+from calm_train.train.flops import MFU, measure_peak_flops, spec_peak_flops, train_flops_per_token
 from calm_train.train.logbook import Logbook
+from calm_train.train.profiling import StepProfiler, peak_memory_gib
 from calm_train.train.signals import StopRequest
 
 EXIT_DONE, EXIT_REQUEUE = 0, 75
@@ -38,25 +40,30 @@ class Progress:
     bad_in_a_row: int = 0
     elapsed_s: float = 0.0
     loader: dict | None = None
+    dataset_tokens: dict = dataclasses.field(default_factory=dict)   # data.train dataset name -> tokens
 
 
 def config_hash(cfg: Config) -> str:
-    """Hash of what must not change across a resume (the model); layouts and schedules may."""
-    return hashlib.sha256(json.dumps(to_dict(cfg.model), sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of what must not change across a resume (the model); layouts, schedules and the warm-start source may."""
+    from calm_train.train.warm_start import RECORD_FIELDS
+    model = {k: v for k, v in to_dict(cfg.model).items() if k not in RECORD_FIELDS}
+    return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_data(cfg: Config):
-    """Fill vocab size and sequence length from dataset.json; a mismatch names both values."""
-    from calm_train.data.dataset_info import read_dataset_info
+    """Fill vocab size and sequence length from dataset.json (shared by every dataset of a mixture);
+    a mismatch names both values."""
+    from calm_train.data.mixing import as_sources, read_mixture
     if not cfg.data.train:
         raise UserError("config key 'data.train' is empty. Fix: set data.train=DIR of `calm-train prepare --out DIR`")
-    info = read_dataset_info(cfg.data.train)
+    info = read_mixture(cfg.data.train)
+    first = as_sources(cfg.data.train)[0].path
     checks = [("model.vocab_size", cfg.model.vocab_size, info.vocab_size),
               ("data.seq_len", cfg.data.seq_len, info.seq_len),
               ("model.patch_size", cfg.model.patch_size if cfg.model.kind != "ar" else None, info.patch_size)]
     for key, ours, theirs in checks:
         if ours is not None and ours != theirs:
-            raise UserError(f"config key '{key}' is {ours} but {cfg.data.train}/dataset.json says {theirs}. "
+            raise UserError(f"config key '{key}' is {ours} but {first}/dataset.json says {theirs}. "
                             f"Fix: drop the key to take {theirs} from the data, or prepare data with {ours}")
     cfg.model.vocab_size = info.vocab_size
     cfg.data.seq_len = info.seq_len
@@ -72,6 +79,12 @@ class Run:
         self.run_dir = pathlib.Path(cfg.run_dir)
         self.info = resolve_data(cfg)
         validate(cfg)
+        from calm_train.train.warm_start import WarmStart
+        self.warm_start = WarmStart.open(cfg, self.run_dir)    # model.init_from: checked and read here
+        if cfg.model.kind != "autoencoder":     # model.attention=flash where it cannot run: refused before any work
+            from calm_train.models.attention import resolve_attention
+            b = cfg.model.backbone
+            resolve_attention(cfg.model.attention, self.engine_dtype(), b.hidden_size // b.num_heads)
         self.autoencoder_ref = None
         if cfg.model.kind == "calm":
             from calm_train.train.frozen_autoencoder import check_autoencoder
@@ -80,6 +93,7 @@ class Run:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         validate_layout(cfg, self.world_size)
         self.dp = data_parallel_size(cfg, self.world_size)
+        require_one_batch(cfg.data.train, "train", cfg.train.global_batch, self.dp)
         self.log = Logbook(self.run_dir, cfg, enabled=self.rank == 0, total_steps=cfg.train.steps)
         self.checkpoints = CheckpointManager(self.run_dir, self.rank, dist.barrier, cfg.train.keep_last,
                                              cfg.train.keep_every, log=self.log.event)
@@ -87,11 +101,13 @@ class Run:
     # ------------------------------------------------------------------------------------------
     def preflight(self) -> pathlib.Path | None:
         """Verify the shards (rank 0, result shared), write config.yaml and the tokenizer, find the resume point."""
+        from calm_train.data.mixing import as_sources, mixture_tokenizer
         from calm_train.data.verify import verify_dataset
         error = ""
         if self.rank == 0:
             try:
-                verify_dataset(self.cfg.data.train)
+                for source in as_sources(self.cfg.data.train):
+                    verify_dataset(source.path)
                 if self.cfg.data.val:
                     verify_dataset(self.cfg.data.val)
             except user_errors() as err:
@@ -107,20 +123,24 @@ class Run:
                 raise UserError(f"{latest} was trained with another model config than {self.run_dir}/config.yaml "
                                 "now asks for. Fix: use a new run_dir, or restore the model keys of the saved "
                                 f"{latest}/config.yaml")
+        if self.warm_start is not None:
+            self.warm_start.settle(self.cfg, latest, self.log.event)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             tokenizer_dir = self.run_dir / "tokenizer"
             tokenizer_dir.mkdir(exist_ok=True)
+            _, source_dir = mixture_tokenizer(self.cfg.data.train)
             for name in self.info.tokenizer_files:
-                shutil.copy2(pathlib.Path(self.cfg.data.train) / name, tokenizer_dir / name)
-            shutil.copy2(pathlib.Path(self.cfg.data.train) / "dataset.json", tokenizer_dir / "dataset.json")
+                shutil.copy2(source_dir / name, tokenizer_dir / name)
+            shutil.copy2(source_dir / "dataset.json", tokenizer_dir / "dataset.json")
         dist.barrier()
         return latest
 
     def build(self) -> None:
         from calm_train.data.loader import TokenLoader
         from calm_train.parallel.engine import TrainEngine, build_world
+        from calm_train.train.evaluate import validation_source
         from calm_train.train.tasks import task_for
         self.world = build_world(self.cfg)
         autoencoder = None
@@ -128,14 +148,26 @@ class Run:
             from calm_train.train.frozen_autoencoder import load_frozen_autoencoder
             autoencoder = load_frozen_autoencoder(self.autoencoder_ref, self.world.device)
         self.autoencoder = autoencoder
-        self.engine = TrainEngine(self.cfg, task_for(self.cfg, autoencoder), self.world)
+        task = task_for(self.cfg, autoencoder)
+        if self.warm_start is not None:
+            task.init_state = self.warm_start.take_state()
+        self.engine = TrainEngine(self.cfg, task, self.world)
+        task.init_state = None
+        self.log.event(f"engine: {self.engine.describe()}")
         self.per_rank_batch = self.cfg.train.global_batch // self.dp
         self.loader = TokenLoader(self.cfg.data.train, "train", batch_size=self.per_rank_batch,
                                   dp_rank=self.world.dp_rank, dp_size=self.dp, seed=self.cfg.train.seed,
                                   num_workers=self.cfg.data.num_workers, verify=False)
-        self.flops_per_token = train_flops_per_token(self.cfg.model, self.cfg.data.seq_len)
-        peak = self.cfg.train.peak_flops or measure_peak_flops(self.world.device, self.engine_dtype())
-        self.peak_flops = float(broadcast_object(peak))
+        self.validation = validation_source(self.cfg)
+        if self.validation is None:
+            self.log.event(f"no validation split in {self.cfg.data.train} and data.val is unset: evaluations are "
+                           "skipped (prepare with --val-fraction > 0, or set data.val=DIR)")
+        device, dtype = self.world.device, self.engine_dtype()
+        measured = float(broadcast_object(measure_peak_flops(device, dtype)))
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        self.mfu = MFU(train_flops_per_token(self.cfg.model, self.cfg.data.seq_len), self.world_size, measured,
+                       spec_peak_flops(name, dtype), self.cfg.train.peak_flops, name)
+        self.profiler = StepProfiler(self.cfg.train.profile, self.run_dir, self.rank == 0, device, self.log.event)
 
     def engine_dtype(self) -> torch.dtype:
         dtype = self.cfg.train.dtype
@@ -176,6 +208,8 @@ class Run:
         state = {"progress": dataclasses.asdict(progress), "config_hash": config_hash(self.cfg),
                  "autoencoder": self.autoencoder_ref.describe() if self.autoencoder_ref else None,
                  "layout": layout_of(self.cfg, self.world_size)}
+        from calm_train.train.warm_start import init_from_record
+        state.setdefault("identity", {})["init_from"] = init_from_record(self.cfg)
         export = self.engine.state_for_export()
         moments, moments_metadata = optimizer_export(self.engine)
 
@@ -200,8 +234,38 @@ class Run:
     # ------------------------------------------------------------------------------------------
     def evaluate(self, step: int) -> None:
         from calm_train.train.evaluate import evaluate_run
+        if self.validation is None:
+            return
         row = evaluate_run(self, step)
         self.log.evaluation({"step": step, **row})
+
+    def count_datasets(self, progress: Progress, sample_ids: torch.Tensor) -> None:
+        """Tokens read from each dataset of data.train (a mixture: summed over data-parallel ranks)."""
+        names, seq_len = self.loader.names, self.cfg.data.seq_len
+        if len(names) == 1:
+            progress.dataset_tokens = {names[0]: progress.tokens}
+            return
+        counts = torch.tensor(self.loader.count_per_dataset(sample_ids.numpy()), dtype=torch.float64)
+        dist.all_reduce(counts)                         # every TP/PP rank of a replica read the same batch
+        replicas = self.world_size // self.dp
+        for name, count in zip(names, counts.tolist()):
+            progress.dataset_tokens[name] = progress.dataset_tokens.get(name, 0) + int(count) // replicas * seq_len
+
+    def metrics_row(self, progress: Progress, result, step_s: float, tokens_per_step: int) -> dict:
+        tokens_per_s = tokens_per_step / max(step_s, 1e-9)
+        mfu, note = self.mfu.row(tokens_per_s)
+        if note:
+            self.log.event(note)
+        peak_mem = torch.tensor([peak_memory_gib(self.world.device)])
+        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+        return {
+            "step": progress.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "samples": progress.samples,
+            "elapsed_s": round(progress.elapsed_s, 3), "skipped_steps": progress.skipped_steps,
+            "step_s": round(step_s, 4), "flops": self.mfu.flops_per_token * progress.tokens, **mfu,
+            "peak_mem_gib": round(float(peak_mem), 4),
+            **{f"tokens/{name}": count for name, count in progress.dataset_tokens.items()},
+        }
 
     def train(self) -> int:
         cfg, t = self.cfg, self.cfg.train
@@ -219,10 +283,13 @@ class Run:
             while progress.step < t.steps:
                 step_start = time.monotonic()
                 batch = next(batches)
+                self.profiler.begin(progress.step + 1)
                 result = self.engine.train_step(batch["tokens"], batch["sample_ids"], progress.step + 1)
+                self.profiler.end(progress.step + 1)
                 progress.step += 1
                 progress.samples += t.global_batch
                 progress.tokens += tokens_per_step
+                self.count_datasets(progress, batch["sample_ids"])
                 if result.skipped:
                     progress.skipped_steps += 1
                     progress.bad_in_a_row += 1
@@ -239,15 +306,9 @@ class Run:
                     progress.bad_in_a_row = 0
                 step_s = time.monotonic() - step_start
                 progress.elapsed_s = time.monotonic() - started
+                self.log.advance(progress.step, step_s, tokens_per_step, result.loss)
                 if progress.step % t.log_every == 0 or progress.step == t.steps:
-                    tokens_per_s = tokens_per_step / max(step_s, 1e-9)
-                    self.log.step({
-                        "step": progress.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                        "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "samples": progress.samples,
-                        "elapsed_s": round(progress.elapsed_s, 3), "skipped_steps": progress.skipped_steps,
-                        "step_s": round(step_s, 4), "flops": self.flops_per_token * progress.tokens,
-                        "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size),
-                    }, eta_s=step_s * (t.steps - progress.step))
+                    self.log.step(self.metrics_row(progress, result, step_s, tokens_per_step))
                 if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.steps:
                     self.evaluate(progress.step)
                 out_of_time = bool(t.max_wallclock) and time.monotonic() - launched >= t.max_wallclock
@@ -266,6 +327,7 @@ class Run:
             return EXIT_DONE
         finally:
             stop.uninstall()
+            self.profiler.close()
             self.log.close()
 
 

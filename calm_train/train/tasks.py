@@ -7,8 +7,9 @@
 Under pipeline parallelism a stage runs `stage_forward` (embed on the first stage, then its
 backbone layers) and the last stage `loss_from_hidden`.  The frozen autoencoder is held here,
 in eval mode without gradients; the engine never sees it as part of the trained module.
-`init_state` (a full fp32 state dict of a tp = pp = 1 model, e.g. an export) replaces the
-random initialisation, sharded to this rank's TP slice and pipeline stage.
+A new model starts from weights drawn per parameter from (train.seed, its global name), the same in
+every layout (parallel/init.py); `init_state` (a full fp32 state dict of a tp = pp = 1 model, e.g. an
+export) replaces them, sharded to this rank's TP slice and pipeline stage.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from calm_train.config import Config, ModelConfig
 from calm_train.models.autoencoder import Autoencoder
 from calm_train.models.rng import SampleRNG
 from calm_train.parallel.export import load_full_state_dict
+from calm_train.parallel.init import initialise
 
 
 @dataclass
@@ -43,9 +45,12 @@ class Task:
             from calm_train.models.calm import CALM
             model = (CALM if self.kind == "calm" else ARModel)(
                 m, pre_process=pre_process, post_process=post_process,
-                sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=params_dtype)
+                sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=params_dtype,
+                recompute=cfg.perf.recompute)
         if self.init_state is not None:
             load_full_state_dict(model, self.init_state)
+        else:
+            initialise(model, m, cfg.train.seed)
         return model
 
     def loss(self, model: nn.Module, tokens_BL: torch.Tensor, rng: SampleRNG) -> torch.Tensor:

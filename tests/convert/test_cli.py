@@ -25,6 +25,11 @@ def test_cli_round_trip_generates_the_same_text(bpe_tokenizer_file, tmp_path, ca
     original = generate_text(str(tmp_path / "run"), "The quick brown", temperature=0.0, max_new_tokens=12)
     assert generate_text(str(tmp_path / "back"), "The quick brown", temperature=0.0, max_new_tokens=12) == original
     assert len(original) > 0
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}      # an exported directory, read in memory
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "The quick brown", "--temperature", "0",
+                 "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == original + "\n"
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 def test_frozen_autoencoder_loader_reads_exported_directories(bpe_tokenizer_file, tmp_path):
@@ -43,3 +48,20 @@ def test_frozen_autoencoder_loader_reads_exported_directories(bpe_tokenizer_file
     frozen = load_frozen_autoencoder(ref, torch.device("cpu"))
     assert all(torch.equal(frozen.state_dict()[k], v) for k, v in native_state(ae).items())
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_frozen_autoencoder_loader_reads_a_calm_checkpoints_autoencoder(bpe_tokenizer_file, tmp_path):
+    """What model.autoencoder becomes when a CALM run warm-starts from a native CALM run."""
+    from calm_train.data.tokenizer import load_tokenizer
+    from calm_train.models.calm import CALM
+    vocab = load_tokenizer(bpe_tokenizer_file).vocab_size
+    cfg = tiny_model_config("calm", vocab)
+    ae = perturb_(Autoencoder(cfg.ae, vocab, cfg.patch_size), seed=5)
+    with runtime.single_process(seed=0):
+        write_checkpoint(tmp_path / "calm_run", cfg, CALM(cfg), bpe_tokenizer_file, autoencoder=ae)
+    calm_cfg = Config(model=tiny_model_config("calm", vocab))
+    calm_cfg.model.autoencoder = str(tmp_path / "calm_run")
+    ref = check_autoencoder(calm_cfg)
+    assert ref.weights.name == "autoencoder.safetensors" and ref.layout == "native"
+    frozen = load_frozen_autoencoder(ref, torch.device("cpu"))
+    assert all(torch.equal(frozen.state_dict()[k], v) for k, v in native_state(ae).items())

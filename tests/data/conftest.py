@@ -40,12 +40,32 @@ def prepared(tmp_path_factory) -> pathlib.Path:
         total += packed_length(len(tok.encode(text)), K)
         if k >= 12 and -(-total // SEQ_LEN) % SAMPLES_MULTIPLE == 0:
             break
-    write_jsonl(root / "docs.jsonl", docs[:k])
-    out = root / "data"
-    assert main(["--input", str(root / "docs.jsonl"), "--tokenizer", str(root / "tok" / "tokenizer.json"),
-                 "--out", str(out), "--seq-len", str(SEQ_LEN), "--patch-size", str(K), "--val-fraction", "0",
+    return prepare_docs(root, "data", docs[:k], root / "tok" / "tokenizer.json")
+
+
+def prepare_docs(root: pathlib.Path, name: str, docs: list[str], tokenizer: str | pathlib.Path,
+                 seq_len: int = SEQ_LEN) -> pathlib.Path:
+    """`calm-train prepare` of `docs` into root/name (K=4, 24 samples per shard, no val split)."""
+    from data_prep.cli import main
+    write_jsonl(root / f"{name}.jsonl", docs)
+    out = root / name
+    assert main(["--input", str(root / f"{name}.jsonl"), "--tokenizer", str(tokenizer), "--out", str(out),
+                 "--seq-len", str(seq_len), "--patch-size", str(K), "--val-fraction", "0",
                  "--samples-per-shard", "24"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def prepare():
+    """`prepare_docs` for tests that make datasets of their own."""
+    return prepare_docs
+
+
+@pytest.fixture(scope="session")
+def prepared_b(prepared, tmp_path_factory) -> pathlib.Path:
+    """Other pydoc topics with the tokenizer of `prepared` (a second dataset of one mixture)."""
+    return prepare_docs(tmp_path_factory.mktemp("prepared_b"), "data_b", topic_docs()[-12:],
+                        prepared / "tokenizer.json")
 
 
 def write_jsonl(path: pathlib.Path, docs: list[str]) -> pathlib.Path:

@@ -54,3 +54,11 @@ def expect_error(rank, world, data, batch, workers, timeout, verify):
     except Exception as err:   # noqa: BLE001 - the test inspects what was raised
         return type(err).__name__, str(err)
     return None
+
+
+def one_pass(rank, world, data, batch):
+    """One bounded pass; returns [(sample ids, own mask)] per batch."""
+    loader = _loader(data, rank, world, batch, shuffle=False)
+    out = [(b["sample_ids"].tolist(), b["own"].tolist()) for b in loader.one_pass()]
+    loader.close()
+    return out

@@ -29,7 +29,7 @@ def test_clean_stale_jobs_removes_only_dead_jobs(tmp_path):
     for root, pid in ((dead, int(dead_pid)), (live, os.getpid())):
         (root / "local").mkdir(parents=True)
         (root / "owner.json").write_text(json.dumps({"pid": pid}))
-    dead_segments, live_segments = _register(987651, dead / "local"), _register(987652, live / "local")
+    dead_segments, live_segments = _register(987651, dead / "local" / "0"), _register(987652, live / "local" / "0")
     try:
         assert jobdir.clean_stale_jobs(tmp_path) == 1
         assert not dead.exists() and not any(p.exists() for p in dead_segments)

@@ -48,3 +48,17 @@ def test_resume_mid_epoch_same_dp_and_elastic_two_to_one(rank_pool, prepared):
             counts = collections.Counter(seen + [i for ids, _ in rest for i in ids])
             assert sorted(counts.elements()) == list(range(n)), (world, workers)
             assert all(epoch == 1 for _, epoch in rest)
+
+
+def test_one_pass_yields_the_partial_batch_and_counts_every_sample_once(rank_pool, prepared):
+    """dp=3 does not divide the split: streaming repeats samples to even out the shares; `own` marks them."""
+    n = _samples(prepared)
+    assert n % 3 and -(-n // 3) % 9 and n % 9
+    per_rank = rank_pool.run("dist_cases:one_pass", 3, str(prepared), 9)
+    shares = [[i for ids, _ in r for i in ids] for r in per_rank]
+    assert [len(s) for s in shares] == [-(-n // 3)] * 3                 # even shares, repeats included
+    assert [len(ids) for ids, _ in per_rank[0]][-1] == -(-n // 3) % 9    # the final partial batch is read
+    own = [i for r in per_rank for ids, mask in r for i, m in zip(ids, mask) if m]
+    assert sorted(own) == list(range(n))
+    (single,) = rank_pool.run("dist_cases:one_pass", 1, str(prepared), 9)
+    assert [i for ids, _ in single for i in ids] == list(range(n)) and all(m for _, mask in single for m in mask)

@@ -9,6 +9,7 @@ import types
 
 import pytest
 
+from calm_train.data.dataset_info import DataError
 from data_prep import chunks, sources
 from data_prep.sources import iter_documents
 
@@ -41,7 +42,7 @@ def test_chunks_give_the_documents_in_order(files, monkeypatch, chunk_bytes):
 def test_bad_line_names_file_and_place(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: line 2 from byte 0: no 'text' string field"):
+    with pytest.raises(DataError, match=r"bad.jsonl: the line at byte 15 has no 'text' string field"):
         chunks.read_lines(str(path), 0, path.stat().st_size)
 
 

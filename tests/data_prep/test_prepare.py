@@ -70,7 +70,7 @@ def test_array_split_and_merge_equals_single_process(run):
         for shard in sorted((single / split).rglob("*.zstd")):
             twin = array / shard.relative_to(single)
             assert hashlib.sha256(shard.read_bytes()).digest() == hashlib.sha256(twin.read_bytes()).digest()
-    assert not (array / ".work").exists()
+    assert not (array / ".work").exists() and not (run / ".array.prepare").exists()     # nothing staged is left
     assert len(list((single / "train").rglob("*.zstd"))) > 1
 
 
@@ -80,7 +80,37 @@ def test_merge_refuses_incomplete_array(tmp_path, run, capsys):
     tok = str(run / "tok" / "tokenizer.json")
     assert main(["--input", str(src), "--tokenizer", tok, "--out", str(tmp_path / "o"), "--shard-index", "1",
                  "--num-shards", "2"]) == 0
-    assert main(["--out", str(tmp_path / "o"), "--merge"]) == 2
+    assert main(["--out", str(tmp_path / "o"), "--merge"]) == 1
     assert "tasks [1] of 2 finished" in capsys.readouterr().err
     assert main(["--input", str(src), "--tokenizer", "train:500", "--out", str(tmp_path / "p"),
-                 "--shard-index", "0", "--num-shards", "2"]) == 2
+                 "--shard-index", "0", "--num-shards", "2"]) == 1
+
+
+def test_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, run, capsys):
+    """Exit 1 and one line, before any output exists: an empty .jsonl, an unreadable file, non-UTF-8 bytes
+    (their byte offset), a negative --samples-per-shard (usage: exit 2)."""
+    import os
+    tok = str(run / "tok" / "tokenizer.json")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    unreadable = tmp_path / "locked.txt"
+    if os.geteuid() == 0:                           # root reads any mode-000 file: take one the kernel refuses
+        unreadable.symlink_to("/proc/sys/vm/drop_caches")
+    else:
+        unreadable.write_text("secret")
+        unreadable.chmod(0)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"text": "fine"}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    text = tmp_path / "latin.txt"
+    text.write_bytes(b"abc\xff")
+    cases = [(empty, "the input gave no training documents"), (unreadable, "cannot be read (Permission denied)"),
+             (latin, "not UTF-8 at byte 30"), (text, "not UTF-8 at byte 3")]
+    for path, expected in cases:
+        out = tmp_path / f"out-{path.name}"
+        assert main(["--input", str(path), "--tokenizer", tok, "--out", str(out)]) == 1, path
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("calm-train prepare: error: ") and str(path) in line and expected in line, line
+        assert not out.exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--input", str(latin), "--tokenizer", tok, "--out", str(tmp_path / "o"), "--samples-per-shard", "-3"])
+    assert exit_.value.code == 2 and "--samples-per-shard: '-3' is not an integer >= 1" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from calm_train.data.dataset_info import DataError
 from data_prep import sources
 from data_prep.corpus import default_corpus, write_corpus_jsonl
 
@@ -22,7 +23,7 @@ def test_formats_and_streaming_path_agree(tmp_path, monkeypatch):
     assert list(sources.iter_documents(files)) == want
     monkeypatch.setattr(sources, "DIRECT_MAX_BYTES", 0)          # force HF datasets streaming everywhere
     assert list(sources.iter_documents(files)) == want
-    with pytest.raises(FileNotFoundError, match="matched no files"):
+    with pytest.raises(DataError, match="matched no files"):
         sources.expand_inputs([str(tmp_path / "*.nothing")])
 
 

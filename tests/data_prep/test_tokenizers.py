@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from calm_train.data.dataset_info import DataError
 from calm_train.data.tokenizer import PROBE, load_tokenizer
 from data_prep.bpe import train_bpe
 from data_prep.sources import split_long
@@ -50,5 +51,5 @@ def test_long_document_split_keeps_text():
 
 def test_missing_special_tokens_is_a_clear_error(shared_data, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes((shared_data / "llama3_tokenizer" / "tokenizer.model").read_bytes())
-    with pytest.raises(ValueError, match="tokenizer_config.json"):
+    with pytest.raises(DataError, match="tokenizer_config.json"):
         load_tokenizer(tmp_path / "tokenizer.model")

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calm_train.config import BackboneArch
-from calm_train.models.attention import KVCache, SDPACoreAttention, core_attention_for, use_kv_cache
+from calm_train.config import BackboneArch, ConfigError
+from calm_train.models.attention import KVCache, SDPACoreAttention, resolve_attention, use_kv_cache
 from calm_train.models.backbone import Backbone, transformer_config
 from calm_train.models.rope import RotaryEmbedding
 from calm_train.parallel import runtime
@@ -137,10 +137,15 @@ def test_weights_are_reproducible_from_the_seed():
 
 
 def test_attention_backend_resolution():
-    assert core_attention_for("sdpa") is SDPACoreAttention
+    """auto falls back to SDPA and says why; an explicit flash where it cannot run is refused, naming the key,
+    the reason and the fix (checked before flash_attn is imported)."""
+    assert resolve_attention("sdpa") == (SDPACoreAttention, "sdpa (torch scaled_dot_product_attention, as configured)")
     if not torch.cuda.is_available():
-        assert core_attention_for("auto") is SDPACoreAttention
-        with pytest.raises(ValueError, match="model.attention=flash.*CUDA is not available.*model.attention=sdpa"):
-            core_attention_for("flash")
-    with pytest.raises(ValueError, match="model.attention='xformers' is unknown"):
-        core_attention_for("xformers")
+        assert resolve_attention("auto", torch.bfloat16, 64) == (
+            SDPACoreAttention, "sdpa (model.attention=auto; flash not used: CUDA is not available)")
+        with pytest.raises(ConfigError, match=r"'model.attention': flash cannot run here: CUDA is not available\. "
+                                              r"Fix: .*pip install '\.\[gpu\]'.*model.attention=sdpa"):
+            resolve_attention("flash", torch.bfloat16, 64)
+        assert Backbone(ARCH, attention="auto").attention_backend.startswith("sdpa (model.attention=auto")
+    with pytest.raises(ConfigError, match="'model.attention': 'xformers' is unknown"):
+        resolve_attention("xformers")

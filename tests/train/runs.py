@@ -27,6 +27,29 @@ def calm_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def prepare_texts(tokenizer_data: pathlib.Path, out: pathlib.Path, texts: list[str], seq_len: int = 32) -> pathlib.Path:
+    """`texts` prepared with the tokenizer of another prepared directory, all in the train split."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    src = out.parent / f"{out.name}.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    calm_train("prepare", "--input", str(src), "--tokenizer", str(tokenizer_data / "tokenizer.json"), "--out", str(out),
+               "--seq-len", str(seq_len), "--val-fraction", "0")
+    return out
+
+
+def samples(data: pathlib.Path, split: str = "train") -> int:
+    return json.loads((data / "dataset.json").read_text())["splits"][split]["samples"]
+
+
+def error_line(proc: subprocess.CompletedProcess, command: str) -> str:
+    """The one-line error a refused command ends with (exit 1, no traceback; libraries may warn before it)."""
+    assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"calm-train {command}: error: "), proc.stderr[-3000:]
+    return line
+
+
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "calm_train", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

@@ -37,15 +37,6 @@ LAYOUTS = {"dp2_zero2": ["parallel.zero_stage=2"], "pp2": ["parallel.pp=2", "par
 REQUEUE = 75
 
 
-@pytest.fixture(scope="module")
-def autoencoder(tiny_data, tmp_path_factory) -> pathlib.Path:
-    """A frozen autoencoder for CALM: its quality does not matter here, only that it is fixed."""
-    run = tmp_path_factory.mktemp("ft") / "ae"
-    calm_train("train", "tiny_autoencoder", f"run_dir={run}", f"data.train={tiny_data}", "train.steps=2",
-               "logging.progress=false")
-    return run
-
-
 def layout_args(layout: str, run: pathlib.Path, data: pathlib.Path, ae: pathlib.Path, *extra: str) -> list[str]:
     return ["train", "tiny_calm", f"run_dir={run}", f"data.train={data}", f"model.autoencoder={ae}",
             f"train.steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.keep_last=3", "train.eval_every=0",

@@ -144,6 +144,11 @@ def test_bad_inputs_fail_fast_naming_the_file(ae_run, tiny_data, tmp_path):
     assert proc.returncode == 1 and "model.ae.latent_size" in proc.stderr
     proc = calm_train("eval", str(tmp_path / "nothing"), check=False)
     assert proc.returncode == 1 and "nothing" in proc.stderr
+    # flash attention asked for where it cannot run (no CUDA here): one line, before anything is written
+    proc = calm_train("train", "tiny_ar", f"run_dir={tmp_path / 'r4'}", f"data.train={tiny_data}",
+                      "model.attention=flash", check=False)
+    assert proc.returncode == 1 and "'model.attention': flash cannot run here: CUDA is not available" in proc.stderr
+    assert not (tmp_path / "r4").exists()
 
 
 def test_autoencoder_and_calm_on_the_wikitext_validation_file(shared_data, tmp_path):
