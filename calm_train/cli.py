@@ -63,7 +63,8 @@ def _eval(args) -> int:
     from calm_train.console import stdout_to_stderr
     from calm_train.train.inference import evaluate_checkpoint
     with stdout_to_stderr():
-        result = evaluate_checkpoint(args.checkpoint, data=args.data, max_tokens=args.max_tokens, seed=args.seed)
+        result = evaluate_checkpoint(args.checkpoint, data=args.data, max_tokens=args.max_tokens, seed=args.seed,
+                                     samples=args.samples, train_data=args.train_data)
     print(json.dumps(result))
     return 0
 
@@ -86,6 +87,13 @@ def _convert(args) -> int:
 def _demo(args) -> int:
     from calm_train.demo import run_demo
     return run_demo(args.out)
+
+
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value}: the Brier estimates need >= 2 samples per position")
+    return value
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -148,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="evaluate at most this many tokens (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled Brier estimates")
+    p.add_argument("--samples", type=_at_least_two, default=None, metavar="S",
+                   help="CALM: head samples per position for the Brier estimates (U-statistic; default 2)")
+    p.add_argument("--train-data", default=None, metavar="DIR",
+                   help="CALM: prepared data whose training split is the real-chunk and marginal reference "
+                        "(default: the run's data.train)")
 
     p = _add_command(sub, "generate", "sample a continuation of a prompt; prints the text on stdout", _generate)
     p.add_argument("checkpoint", help=checkpoint_help)

@@ -118,6 +118,7 @@ class TrainConfig:
     save_every: int = 0               # 0: only at the end and on signals
     eval_every: int = 0               # 0: only at the end
     eval_batches: int = 8             # validation batches per evaluation, over all data-parallel ranks
+    eval_samples: int = 2             # CALM: head samples per position of the Brier estimates (U-statistic)
     keep_last: int = 2                # checkpoints kept ...
     keep_every: int = 0               # ... plus every keep_every-th step (0: none)
     max_wallclock: float = 0.0        # seconds per launch (job); then save and exit 75 (0: off)
@@ -492,6 +493,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", "log every step or every few steps")
     _check(t.keep_last >= 1, "train.keep_last", "must keep at least the newest checkpoint", "use 1 or more")
     _check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1", "evaluate at least one batch")
+    _check(t.eval_samples >= 2, "train.eval_samples", f"{t.eval_samples}: the Brier estimates need >= 2 samples "
+           "per position", "use 2 (the two-sample estimate) or more, e.g. 16")
     if t.profile is not None:
         _check(profile_steps(t.profile) is not None, "train.profile", f"'{t.profile}' is not START:END with "
                "1 <= START <= END", "write e.g. train.profile=10:12 (steps 10 to 12, counted from 1)")

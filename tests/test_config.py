@@ -41,6 +41,7 @@ INVALID = [
     (["model.patch_size=0"], "model.patch_size", None),
     (["data.seq_len=30"], "data.seq_len", None),
     (["model.attention=xformers"], "model.attention", None),
+    (["train.eval_samples=1"], "train.eval_samples", None),
     (["parallel.tp=3"], "parallel.tp", None),
     (["model.backbone.num_heads=5"], "model.backbone.num_heads", None),
     (["model.backbone.num_kv_heads=3"], "model.backbone.num_kv_heads", None),

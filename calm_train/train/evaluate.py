@@ -2,10 +2,15 @@
 
 Both language models are scored on the same positions: every chunk boundary i = K, 2K, ... where
 the next four tokens exist.  Brier-n looks at the n-gram y[i : i+n] that follows.
-- CALM: two latents sampled by the energy head, decoded by the frozen autoencoder (argmax), give
-  two n-gram samples; the two-sample estimate 1{x1=y} + 1{x2=y} - 1{x1=x2}.
+- CALM: S >= 2 latents sampled by the energy head (`samples`, default 2), decoded by the frozen
+  autoencoder (argmax), give S n-gram samples; the U-statistic 2 mean_i 1{x_i=y} - mean_{i<j}
+  1{x_i=x_j} (models/brier.py), which for S = 2 is the two-sample estimate 1{x1=y} + 1{x2=y} - 1{x1=x2}.
 - AR: the Rao-Blackwellised form (models/brier.py): two (n-1)-token prefixes sampled from the model
   (ancestral sampling), and the model's exact next-token distribution after each prefix.
+Every Brier-n and BrierLM comes with a standard error over positions (BrierLM's by the delta
+method, models/brier.py), and `brier_near_zero` lists the n whose Brier-n is below two standard
+errors.  CALM runs add the diagnostics of train/calm_diagnostics.py (energy loss between its
+marginal and oracle references, fraction of decoded samples that are real chunks).
 Sums and counts are accumulated per rank and all-reduced, so any data-parallel split gives the
 same numbers.
 """
@@ -14,8 +19,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from calm_train.models.brier import brier_ngram_sampled_with_probs, brier_two_sample, brierlm
+from calm_train.models.brier import (brier_ngram_sampled_with_probs, brier_u_statistic, brierlm,
+                                     brierlm_standard_error, near_zero)
 from calm_train.models.rng import EVAL_STEP, SampleRNG, sample_seeds
+from calm_train.train.moments import mean_and_covariance, moment_sums
 
 MAX_N = 4
 
@@ -25,28 +32,45 @@ def boundaries(seq_len: int, patch_size: int) -> torch.Tensor:
     return torch.arange(patch_size, seq_len - MAX_N + 1, patch_size)
 
 
+def next_ngrams(tokens_BL: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, P, 4]: the 4 tokens y[i : i+4] after each boundary i."""
+    return torch.stack([tokens_BL[:, i:i + MAX_N] for i in boundaries(tokens_BL.shape[1], patch_size).tolist()], 1)
+
+
 @torch.no_grad()
-def calm_brier_sums(model, autoencoder, tokens_BL: torch.Tensor, rng: SampleRNG) -> torch.Tensor:
-    """Sum over positions of the two-sample Brier-n estimates, n = 1..4; returns [4]."""
+def calm_brier_estimates(chunks_BPSK: torch.Tensor, y_BP4: torch.Tensor) -> torch.Tensor:
+    """Per-position U-statistic Brier-n estimates [B, P, 4] from S decoded chunks per position."""
+    return torch.stack([brier_u_statistic(_ngram(chunks_BPSK, n), y_BP4[..., :n]) for n in range(1, MAX_N + 1)], -1)
+
+
+@torch.no_grad()
+def calm_sums(model, autoencoder, tokens_BL: torch.Tensor, rng: SampleRNG, samples: int = 2,
+              pool=None) -> dict[str, torch.Tensor]:
+    """Brier-n moment sums from `samples` head samples per position, then the CALM diagnostics.
+
+    The Brier draws come first, so `samples` = 2 gives the two-sample estimates of earlier versions.
+    """
+    from calm_train.train.calm_diagnostics import decode_samples, diagnostic_sums
     k = autoencoder.patch_size
-    latents_BT2D = model.predict_next_latents(tokens_BL, 2, rng)         # chunk t+1 predicted at chunk t
-    chunks_BT2K = autoencoder.decode(latents_BT2D.flatten(1, 2)).unflatten(1, latents_BT2D.shape[1:3])
-    idx = boundaries(tokens_BL.shape[1], k)
-    chunk = idx // k                                                      # index of the chunk that starts at i
-    x1, x2 = chunks_BT2K[:, chunk - 1, 0], chunks_BT2K[:, chunk - 1, 1]   # [B, P, K] predicted from chunk-1
-    y = torch.stack([tokens_BL[:, i:i + MAX_N] for i in idx.tolist()], 1)  # [B, P, 4]
-    return torch.stack([brier_two_sample(_ngram(x1, y, n), _ngram(x2, y, n), y[..., :n]).sum()
-                        for n in range(1, MAX_N + 1)])
+    hidden_BTH = model.hidden(tokens_BL)
+    latents_BTSD = model.generative_head.sample(hidden_BTH, samples, rng)   # entry t predicts chunk t+1
+    chunk = boundaries(tokens_BL.shape[1], k) // k                         # index of the chunk that starts at i
+    decoded_BPSK = decode_samples(autoencoder, latents_BTSD[:, chunk - 1])   # predicted from chunk - 1
+    sums = moment_sums("brier", calm_brier_estimates(decoded_BPSK, next_ngrams(tokens_BL, k)))
+    sums.update(diagnostic_sums(model, autoencoder, hidden_BTH, tokens_BL, decoded_BPSK, rng, pool))
+    return sums
 
 
-def _ngram(x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
-    """The first n tokens of a sampled chunk; beyond K tokens the chunk cannot match (n > K)."""
-    return x[..., :n] if n <= x.shape[-1] else torch.full_like(y[..., :n], -1)
+def _ngram(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n tokens of sampled chunks; for n > K the chunk is padded with -1, which no token equals."""
+    if n <= x.shape[-1]:
+        return x[..., :n]
+    return torch.cat([x, torch.full((*x.shape[:-1], n - x.shape[-1]), -1, dtype=x.dtype, device=x.device)], -1)
 
 
 @torch.no_grad()
-def ar_brier_sums(model, tokens_BL: torch.Tensor, patch_size: int, rng: SampleRNG) -> torch.Tensor:
-    """Rao-Blackwellised Brier-n sums, n = 1..4, over the chunk boundaries; returns [4].
+def ar_brier_estimates(model, tokens_BL: torch.Tensor, patch_size: int, rng: SampleRNG) -> torch.Tensor:
+    """Rao-Blackwellised Brier-n estimates [B, P, 4] at the chunk boundaries.
 
     Row (b, position, sample) holds the true prefix y[:i] followed by sampled tokens a_1..a_j at i..i+j-1:
     causal attention makes the logits at i+j-1 the distribution after y[:i] a_1..a_j.
@@ -68,14 +92,14 @@ def ar_brier_sums(model, tokens_BL: torch.Tensor, patch_size: int, rng: SampleRN
             u = uniforms_BP2J[..., j:j + 1] * cdf[..., -1:]
             sampled = torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1).squeeze(-1)
             rows_RL.scatter_(3, (at + j)[..., None], sampled[..., None])
-    y = torch.stack([tokens_BL[:, i:i + MAX_N] for i in idx.tolist()], 1)    # [B, P, 4]
+    y = next_ngrams(tokens_BL, patch_size)                                   # [B, P, 4]
     prefixes = torch.stack([rows_RL[:, k, :, i:i + MAX_N] for k, i in enumerate(idx.tolist())], 1)  # [B,P,2,4]
-    sums = []
+    estimates = []
     for n in range(1, MAX_N + 1):
         a, c = prefixes[:, :, 0, :n - 1], prefixes[:, :, 1, :n - 1]
-        sums.append(brier_ngram_sampled_with_probs(a, probs[n - 1][:, :, 0], c, probs[n - 1][:, :, 1],
-                                                   y[..., :n]).sum())
-    return torch.stack(sums)
+        estimates.append(brier_ngram_sampled_with_probs(a, probs[n - 1][:, :, 0], c, probs[n - 1][:, :, 1],
+                                                        y[..., :n]))
+    return torch.stack(estimates, -1)
 
 
 def eval_rng(sample_ids: torch.Tensor, seed: int, device) -> SampleRNG:
@@ -84,29 +108,47 @@ def eval_rng(sample_ids: torch.Tensor, seed: int, device) -> SampleRNG:
 
 @torch.no_grad()
 def batch_metric_sums(kind: str, model, autoencoder, tokens_BL: torch.Tensor, sample_ids: torch.Tensor,
-                      seed: int, patch_size: int) -> dict[str, torch.Tensor]:
-    """Per-batch sums (and the count they are averaged over) for one model kind."""
+                      seed: int, patch_size: int, samples: int = 2, pool=None) -> dict[str, torch.Tensor]:
+    """Per-batch sums (and the counts they are averaged over) for one model kind.
+
+    samples: CALM's head samples per position for the Brier estimates; pool: the training split's
+    ChunkPool for CALM's marginal energy and real-chunk fraction (None: those fields are absent).
+    """
     rng = eval_rng(sample_ids, seed, tokens_BL.device)
     if kind == "autoencoder":
         acc = model.reconstruction_accuracy(tokens_BL)
         return {"recon_acc": acc.float() * tokens_BL.numel(), "recon_count": torch.tensor(float(tokens_BL.numel()))}
-    positions = float(tokens_BL.shape[0] * len(boundaries(tokens_BL.shape[1], patch_size)))
-    sums = (calm_brier_sums(model, autoencoder, tokens_BL, rng) if kind == "calm"
-            else ar_brier_sums(model, tokens_BL, patch_size, rng))
-    return {"brier": sums, "brier_count": torch.tensor(positions)}
+    if kind == "calm":
+        return calm_sums(model, autoencoder, tokens_BL, rng, samples, pool)
+    return moment_sums("brier", ar_brier_estimates(model, tokens_BL, patch_size, rng))
 
 
-def finish(totals: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Turn accumulated sums into the eval.jsonl fields."""
+def finish(totals: dict[str, torch.Tensor], kind: str, samples: int = 2) -> dict:
+    """Turn accumulated sums into the eval.jsonl fields (see brier_fields and calm_diagnostics.finish_diagnostics)."""
+    from calm_train.train.calm_diagnostics import finish_diagnostics
     row = {}
     if "recon_count" in totals:
         row["recon_acc"] = float(totals["recon_acc"] / totals["recon_count"])
     if "brier_count" in totals:
-        brier = (totals["brier"] / totals["brier_count"]).tolist()
-        row.update({f"brier{n}": brier[n - 1] for n in range(1, MAX_N + 1)})
-        row["brierlm"] = brierlm(brier)
+        row.update(brier_fields(totals, samples if kind == "calm" else 2))
+        row["brier_estimator"] = "u-statistic" if kind == "calm" else "rao-blackwell"
+    row.update(finish_diagnostics(totals))
     if "loss_count" in totals:
         row["loss"] = float(totals["loss"] / totals["loss_count"])
+    return row
+
+
+def brier_fields(totals: dict, samples: int) -> dict:
+    """brier1..4 and brierlm (as before), their standard errors, the estimator, and the n near 0."""
+    mean, covariance = mean_and_covariance(totals, "brier")
+    brier, se = mean.tolist(), covariance.diagonal().clamp_min(0).sqrt().tolist()
+    row = {f"brier{n}": brier[n - 1] for n in range(1, MAX_N + 1)}
+    row["brierlm"] = brierlm(brier)
+    row.update({f"brier{n}_se": se[n - 1] for n in range(1, MAX_N + 1)})
+    row["brierlm_se"] = brierlm_standard_error(brier, covariance.tolist())
+    row["brier_positions"] = round(float(totals["brier_count"]))
+    row["brier_samples"] = samples
+    row["brier_near_zero"] = near_zero(brier, se)
     return row
 
 
@@ -164,6 +206,7 @@ def evaluate_run(run, step: int) -> dict[str, float]:
     was_training = model.training
     model.eval()
     batches = max(1, cfg.train.eval_batches // run.dp)          # train.eval_batches counts over all DP ranks
+    pool = reference_pool(cfg) if cfg.model.kind == "calm" and pp == 1 else None
     for _, batch in zip(range(batches), loader.one_pass()):
         groups, weights = plan_micro_batches(batch["own"], micro)
         # every rank runs as many micro-batches (ZeRO-3 gathers weights in each forward), a multiple of pp
@@ -181,12 +224,26 @@ def evaluate_run(run, step: int) -> dict[str, float]:
                                     "loss_count": torch.tensor(float(sum(chunk)))})
             if pp == 1:
                 sums = batch_metric_sums(cfg.model.kind, model, run.autoencoder, tokens, ids, cfg.train.seed,
-                                         cfg.model.patch_size)
+                                         cfg.model.patch_size, cfg.train.eval_samples, pool)
                 accumulate(totals, {k: v * (chunk[0] / micro) for k, v in sums.items()})
     loader.close()
     model.train(was_training)
-    totals = all_reduce_totals(totals, world.device)
-    return {**finish(totals), "samples": round(float(totals["samples"]) / (world.tp_size * world.pp_size))}
+    # TP and PP partners add identical copies (samples on every rank, metrics on the ranks that compute
+    # them): dividing by tp x pp leaves the means unchanged and makes counts, and so standard errors, right
+    copies = world.tp_size * world.pp_size
+    totals = {key: value / copies for key, value in all_reduce_totals(totals, world.device).items()}
+    return {**finish(totals, cfg.model.kind, cfg.train.eval_samples), "samples": round(float(totals["samples"]))}
+
+
+def reference_pool(cfg, data_dir: str | None = None):
+    """The ChunkPool of the training split (`data_dir`, default data.train) for CALM's diagnostics, or None
+    when that directory is gone (then the marginal energy and the real-chunk fractions are left out)."""
+    import pathlib
+    from calm_train.data.chunk_pool import training_pool
+    data_dir = data_dir or cfg.data.train
+    if not isinstance(data_dir, str) or not (pathlib.Path(data_dir) / "train" / "index.json").is_file():
+        return None
+    return training_pool(str(pathlib.Path(data_dir).resolve()), cfg.model.patch_size, cfg.model.vocab_size)
 
 
 def validation_source(cfg) -> tuple | None:

@@ -50,15 +50,28 @@ def load_for_inference(spec: str, device) -> Loaded:
     return Loaded(cfg, model, autoencoder, tokenizer, source.path)
 
 
-def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | None = None, seed: int = 0) -> dict:
-    """Score every sample of the validation split exactly once (or the first max_tokens // seq_len of them)."""
+def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | None = None, seed: int = 0,
+                        samples: int | None = None, train_data: str | None = None) -> dict:
+    """Score every sample of the validation split exactly once (or the first max_tokens // seq_len of them).
+
+    See train/evaluate.py; CALM adds train/calm_diagnostics.py.  samples: CALM head samples per position
+    for the Brier estimates (default 2); train_data: the prepared directory whose training split is CALM's
+    chunk reference (default: the run's data.train).
+    """
     from calm_train.data.loader import TokenLoader
     from calm_train.parallel import runtime
-    from calm_train.train.evaluate import accumulate, batch_metric_sums, finish, validation_source
+    from calm_train.train.evaluate import accumulate, batch_metric_sums, finish, reference_pool, validation_source
     from calm_train.train.identity import check_eval_data
     with runtime.single_process(seed) as world:
         loaded = load_for_inference(spec, world.device)
         cfg = loaded.cfg
+        kind = cfg.model.kind
+        if samples is not None and kind != "calm":
+            raise UserError(f"--samples applies to CALM checkpoints; {loaded.checkpoint} is {kind}. Fix: drop "
+                            "--samples (the AR estimate is Rao-Blackwellised, the autoencoder has no Brier score)")
+        if samples is not None and samples < 2:
+            raise UserError(f"--samples {samples}: the Brier estimates need >= 2 samples per position. Fix: use 2 or more")
+        samples = samples or 2
         if data:
             cfg.data.val = data
         elif not cfg.data.train:
@@ -69,6 +82,14 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
             raise UserError(f"{cfg.data.train} has no val split and the run set no data.val. Fix: pass "
                             "--data DIR of a prepared directory to evaluate on")
         check_eval_data(loaded.checkpoint, source[0])
+        pool = None
+        if kind == "calm":
+            if train_data:
+                check_eval_data(loaded.checkpoint, train_data)
+            pool = reference_pool(cfg, train_data)
+            if pool is None:
+                print(f"calm-train eval: note: no training data at {train_data or cfg.data.train}: the marginal energy "
+                      "and real-chunk fractions are left out (pass --train-data DIR)", file=sys.stderr)
         loader = TokenLoader(*source, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
                              shuffle=False, verify=True)
         seq_len = loader.info.seq_len
@@ -77,17 +98,17 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
             raise UserError(f"--max-tokens {max_tokens} is less than one sample of {seq_len} tokens. "
                             f"Fix: give --max-tokens {seq_len} or more")
         totals: dict = {}
-        samples = 0
+        scored = 0
         for batch in loader.one_pass():
-            tokens, ids = batch["tokens"][:limit - samples].to(world.device), batch["sample_ids"][:limit - samples]
-            accumulate(totals, batch_metric_sums(cfg.model.kind, loaded.model, loaded.autoencoder, tokens, ids,
-                                                 seed, cfg.model.patch_size))
-            samples += len(ids)
-            if samples == limit:
+            tokens, ids = batch["tokens"][:limit - scored].to(world.device), batch["sample_ids"][:limit - scored]
+            accumulate(totals, batch_metric_sums(kind, loaded.model, loaded.autoencoder, tokens, ids,
+                                                 seed, cfg.model.patch_size, samples, pool))
+            scored += len(ids)
+            if scored == limit:
                 break
         loader.close()
-        return {"checkpoint": str(loaded.checkpoint), "kind": cfg.model.kind, "samples": samples,
-                "tokens": samples * seq_len, **finish(totals)}
+        return {"checkpoint": str(loaded.checkpoint), "kind": kind, "samples": scored,
+                "tokens": scored * seq_len, **finish(totals, kind, samples)}
 
 
 def generate_text(spec: str, prompt: str, temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0) -> str:

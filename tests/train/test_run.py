@@ -11,6 +11,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from calm_train.cli import build_parser
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from runs import assert_same_weights, calm_train, final_weights, metrics, start, trajectory, wait_for_step  # noqa: E402
 
@@ -64,9 +66,21 @@ def test_calm_trains_against_a_frozen_autoencoder(ae_run, tiny_data, tmp_path):
     state = json.loads((ckpt / "state.json").read_text())
     assert state["identity"]["autoencoder"]["weights_sha256"] and state["progress"]["step"] == 24
 
-    out = calm_train("eval", str(run), "--max-tokens", "512")
-    result = json.loads(out.stdout)
-    assert result["kind"] == "calm" and 0 <= result["brierlm"] <= 100
+    for e in evals:                     # the diagnostics ride along in eval.jsonl
+        assert e["energy_oracle"] < e["energy_marginal"] and 0 <= e["real_chunk_fraction"] <= 1
+        assert e["brier_samples"] == 2 and e["brier_estimator"] == "u-statistic"
+
+    many = json.loads(calm_train("eval", str(run), "--max-tokens", "512", "--samples", "6").stdout)
+    assert many["kind"] == "calm" and 0 <= many["brierlm"] <= 100
+    assert many["brier_samples"] == 6 and many["brier_positions"] == 16 * 7
+    for key in ("brier1_se", "brier4_se", "brierlm_se", "energy_se", "energy_position_se"):
+        assert many[key] >= 0, key
+    assert all(many[f"brier{n}"] < 2 * many[f"brier{n}_se"] for n in many["brier_near_zero"])
+    # references: the oracle far below the marginal; held-out chunks are mostly seen in training, samples less so
+    assert many["energy_oracle"] + 5 * many["energy_oracle_se"] < many["energy_marginal"]
+    assert 0.3 < many["heldout_real_chunk_fraction"] <= 1 and 0 <= many["real_chunk_fraction"] <= 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", str(run), "--samples", "1"])     # usage error: exit 2
     text = calm_train("generate", str(run), "--prompt", "The module", "--temperature", "0.5",
                       "--max-new-tokens", "8").stdout
     assert text.strip()
@@ -112,6 +126,9 @@ def test_ar_run_eval_and_generate(tiny_data, tmp_path):
                "train.eval_every=6", "logging.progress=false")
     evals = metrics(run, "eval.jsonl")
     assert [e["step"] for e in evals] == [6, 12] and 0 <= evals[-1]["brierlm"] <= 100
+    assert evals[-1]["brier_estimator"] == "rao-blackwell" and evals[-1]["brier1_se"] > 0
+    assert "energy" not in evals[-1] and "real_chunk_fraction" not in evals[-1]
+    assert calm_train("eval", str(run), "--samples", "4", check=False).returncode == 1   # CALM only
     greedy = [calm_train("generate", str(run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "6").stdout
               for _ in range(2)]
     assert greedy[0] == greedy[1] and len(greedy[0]) > 1      # deterministic, non-empty (may be whitespace)
