@@ -237,13 +237,15 @@ def evaluate_run(run, step: int) -> dict[str, float]:
 
 def reference_pool(cfg, data_dir: str | None = None):
     """The ChunkPool of the training split (`data_dir`, default data.train) for CALM's diagnostics, or None
-    when that directory is gone (then the marginal energy and the real-chunk fractions are left out)."""
+    when that directory is gone or data.train is a mixture (then the marginal energy and the real-chunk
+    fractions are left out)."""
     import pathlib
     from calm_train.data.chunk_pool import training_pool
-    data_dir = data_dir or cfg.data.train
-    if not isinstance(data_dir, str) or not (pathlib.Path(data_dir) / "train" / "index.json").is_file():
-        return None
-    return training_pool(str(pathlib.Path(data_dir).resolve()), cfg.model.patch_size, cfg.model.vocab_size)
+    from calm_train.data.mixing import as_sources
+    sources = as_sources(data_dir or cfg.data.train)
+    if len(sources) != 1 or not (pathlib.Path(sources[0].path) / "train" / "index.json").is_file():
+        return None                                   # gone, or a mixture: no single reference split
+    return training_pool(str(pathlib.Path(sources[0].path).resolve()), cfg.model.patch_size, cfg.model.vocab_size)
 
 
 def validation_source(cfg) -> tuple | None:

@@ -128,11 +128,14 @@ def check_autoencoder_tokenizer(ref, data_dir: pathlib.Path, tokenizer_sha256: s
             f"({ref.path}/tokenizer)")
 
 
-def check_eval_data(ckpt: pathlib.Path, data_dir) -> None:
-    """`eval`: the data must be tokenized as the checkpoint's model was trained."""
-    ours, theirs = recorded_tokenizer(ckpt / "tokenizer"), recorded_tokenizer(data_dir)
-    if None not in (ours, theirs) and theirs != ours:
-        raise IdentityError(
-            f"{data_dir} has tokenizer sha256 {theirs} ({data_dir}/dataset.json) but {ckpt} was trained with "
-            f"{ours} ({ckpt}/tokenizer/dataset.json): the same ids would mean other text. Fix: evaluate on data "
-            f"prepared with the checkpoint's tokenizer (calm-train prepare --tokenizer {ckpt}/tokenizer/...)")
+def check_eval_data(ckpt: pathlib.Path, data) -> None:
+    """`eval`: the data (a directory or a data.train mixture) must be tokenized as the checkpoint's model was."""
+    from calm_train.data.mixing import as_sources
+    ours = recorded_tokenizer(ckpt / "tokenizer")
+    for data_dir in [source.path for source in as_sources(data)]:
+        theirs = recorded_tokenizer(data_dir)
+        if None not in (ours, theirs) and theirs != ours:
+            raise IdentityError(
+                f"{data_dir} has tokenizer sha256 {theirs} ({data_dir}/dataset.json) but {ckpt} was trained with "
+                f"{ours} ({ckpt}/tokenizer/dataset.json): the same ids would mean other text. Fix: evaluate on data "
+                f"prepared with the checkpoint's tokenizer (calm-train prepare --tokenizer {ckpt}/tokenizer/...)")

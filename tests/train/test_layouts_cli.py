@@ -27,7 +27,7 @@ def test_tp2_pp2_equals_one_process_from_the_cli(kind, tiny_data, val, request, 
     args = ["train", f"tiny_{kind}", f"data.train={tiny_data}", f"data.val={val}", "train.steps=3", "train.seed=77",
             "train.warmup_steps=1", "logging.progress=false"]
     if kind == "calm":
-        args.append(f"model.autoencoder={request.getfixturevalue('autoencoder')}")
+        args.append(f"model.autoencoder={request.getfixturevalue('tiny_ae')}")
     one, four = tmp_path / "tp1_pp1", tmp_path / "tp2_pp2"
     calm_train(*args, f"run_dir={one}")
     job = Job(4, [*args, f"run_dir={four}", "parallel.tp=2", "parallel.pp=2"], tmp_path / "tp2_pp2.log")
