@@ -143,8 +143,8 @@ def run_demo(out_dir: str = "demo_out") -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     say(f"autoencoder reconstruction accuracy {summary['ae_recon_acc']:.4f}")
-    say(f"BrierLM (+- SE): CALM {summary['calm_brierlm']:.3f} +- {summary['calm_brierlm_se']:.3f}  "
-        f"AR {summary['ar_brierlm']:.3f} +- {summary['ar_brierlm_se']:.3f} "
+    say(f"BrierLM (+- SE): CALM {summary['calm_brierlm']:.3g} +- {summary['calm_brierlm_se']:.2g}  "
+        f"AR {summary['ar_brierlm']:.3g} +- {summary['ar_brierlm_se']:.2g} "
         f"(training FLOPs {calm_flops:.3g} vs {summary['ar_train_flops']:.3g})")
     say(f"CALM: {100 * summary['calm_real_chunk_fraction']:.1f}% of decoded samples are real chunks of the training "
         f"text; energy {summary['calm_energy']:.2f} between the random-chunk marginal "
