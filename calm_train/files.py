@@ -1,7 +1,9 @@
 """File helpers shared by every layer: digests (shard xxh64, tokenizer and checkpoint sha256), durable
-writes (fsync a tree, replace a small file atomically), and whether the process owning a file still runs."""
+writes (fsync a tree, replace a small file atomically), moving a path aside without overwriting anything,
+and whether the process owning a file still runs."""
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import pathlib
@@ -61,3 +63,13 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def move_aside(path: pathlib.Path, label: str) -> pathlib.Path:
+    """Rename `path` to NAME.LABEL-<UTC> (with a counter if that exists: nothing is overwritten)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside, n = path.with_name(f"{path.name}.{label}-{stamp}"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.{label}-{stamp}-{n}"), n + 1
+    os.replace(path, aside)
+    return aside

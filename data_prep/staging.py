@@ -16,12 +16,12 @@ files) is refused unless --overwrite, which moves it aside instead of deleting i
 """
 from __future__ import annotations
 
-import datetime
 import os
 import pathlib
 import shutil
 
 from calm_train.data.dataset_info import INFO_NAME, DataError, read_dataset_info
+from calm_train.files import move_aside
 
 TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer.model", "tokenizer_config.json"})
 SPLITS = frozenset({"train", "val"})
@@ -88,8 +88,7 @@ class Staging:
     def commit(self) -> None:
         """Swap the complete `new` in for --out, then delete the previous output (a foreign one is kept aside)."""
         if output_kind(self.out) == "foreign":
-            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            os.rename(self.out, self.out.parent / f"{self.out.name}.before-prepare-{stamp}")
+            move_aside(self.out, "before-prepare")
         elif self.out.exists():
             os.rename(self.out, self.old)
         os.rename(self.new, self.out)

@@ -16,13 +16,13 @@ check of the launch (identity, tokenizer) has passed.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 import pathlib
 import shutil
 
 from calm_train.convert.native import (LATEST, CheckpointError, read_json, resolve_checkpoint, step_dirs, step_of,
                                        verify_checkpoint)
+from calm_train.files import move_aside as move_path_aside
 from calm_train.errors import UserError
 
 SCRATCH = "scratch"
@@ -32,17 +32,9 @@ class DamagedRun(UserError):
     """Checkpoints exist but none is intact."""
 
 
-def utc_stamp() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-
 def move_aside(path: pathlib.Path, log) -> pathlib.Path:
-    """Rename `path` to NAME.before-restart-<UTC> (with a counter if that exists: nothing is overwritten)."""
-    stamp = utc_stamp()
-    aside, n = path.with_name(f"{path.name}.before-restart-{stamp}"), 1
-    while aside.exists():
-        aside, n = path.with_name(f"{path.name}.before-restart-{stamp}-{n}"), n + 1
-    os.replace(path, aside)
+    """Rename `path` to NAME.before-restart-<UTC> (files.move_aside: nothing is overwritten) and say so."""
+    aside = move_path_aside(path, "before-restart")
     log(f"moved {path} aside to {aside}")
     return aside
 
