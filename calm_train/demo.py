@@ -30,7 +30,7 @@ def say(message: str) -> None:
 
 def prepare(out: pathlib.Path) -> pathlib.Path:
     from data_prep.cli import main as prepare_main
-    from data_prep.corpus import write_corpus_jsonl
+    from data_prep.embedded import write_corpus_jsonl
     data = out / "data"
     if (data / "dataset.json").is_file():
         return data
