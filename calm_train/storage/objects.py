@@ -73,11 +73,15 @@ def explain(url: str, err: Exception) -> StorageError:
 
 @contextlib.contextmanager
 def _errors(url: str):
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
     try:
         yield
     except (ClientError, BotoCoreError) as err:
         raise explain(url, err) from err
+    except Boto3Error as err:           # the transfer manager's wrapper of the client's error
+        cause = getattr(err, "last_exception", None) or err.__context__
+        raise explain(url, cause if isinstance(cause, (ClientError, BotoCoreError)) else err) from err
 
 
 def _s3_only(url: str, what: str) -> tuple[str, str]:

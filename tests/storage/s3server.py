@@ -52,7 +52,7 @@ class S3Server:
     def authorization(self, on: bool) -> None:
         """Moto's switch: check every request against IAM (on), or accept any credentials (off, the default)."""
         request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0" if on else b"inf",
-                                         method="POST")
+                                         method="POST", headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(request, timeout=10).read()
 
     def stop(self) -> None:
