@@ -103,11 +103,6 @@ class CheckpointWriteError(CheckpointError):
     """The file system refused a save; the previous checkpoint is intact."""
 
 
-def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy in host memory that training cannot change (what an asynchronous save writes)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
-
-
 class _Group:
     """barrier and agree(ok) over a gloo group of its own: the background writer's collectives never mix with
     the training thread's (one group's collectives stay in one thread); no-ops in one process."""
@@ -137,8 +132,8 @@ class CheckpointManager:
     the manifest, renames and updates `latest`.  `guard()` is called at the start of a save and right before
     the rename and the `latest` update (it raises when the run has lost its run directory).
 
-    `async_save`: `save` returns at once and a background thread writes the same checkpoint (the caller hands
-    it host copies of the tensors, `host_copy`); its ranks agree over a group of their own before rank 0
+    `async_save`: `save` returns at once and a background thread writes the same checkpoint (from host copies
+    of the tensors that the caller took: the engine's exports and rng_snapshot are copies); its ranks agree over a group of their own before rank 0
     publishes.  The next `save` and `close` wait for it, and a failure is raised there, the same error a
     synchronous save raises.  `remote` (train.remote_checkpoints): rank 0 mirrors every complete checkpoint
     there in the background (storage/mirror.py) and `sync_remote` restores from it at a start.

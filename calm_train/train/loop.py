@@ -24,7 +24,7 @@ from calm_train.config import Config, data_parallel_size, to_yaml, validate, val
 from calm_train.data.loader import require_one_batch
 from calm_train.errors import UserError, user_errors
 from calm_train.train import identity
-from calm_train.train.checkpoint import (CheckpointManager, host_copy, load_rng_state, rng_file, rng_snapshot,
+from calm_train.train.checkpoint import (CheckpointManager, load_rng_state, rng_file, rng_snapshot,
                                         write_rng_state)
 from calm_train.train.flops import MFU, measure_peak_flops, spec_peak_flops, train_flops_per_token
 from calm_train.train.lock import RunLock
@@ -234,9 +234,7 @@ class Run:
                  "layout": layout_of(self.cfg, self.world_size)}
         export = self.engine.state_for_export()
         moments, moments_metadata = optimizer_export(self.engine)
-        rng = rng_snapshot()
-        if self.cfg.train.async_save:               # the background writer reads copies that training cannot change
-            export, moments = host_copy(export), host_copy(moments)
+        rng = rng_snapshot()                        # export, moments, rng: host copies that training cannot change
 
         def write(directory: pathlib.Path) -> None:
             write_rng_state(rng_file(directory, self.rank), rng)
