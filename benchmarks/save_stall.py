@@ -6,14 +6,15 @@
 Prepares the embedded corpus once (byte-level BPE of --vocab tokens, --seq-len), then runs
 `calm-train train CONFIG` (one process, OMP_NUM_THREADS=1, micro = global batch 2) for --steps steps with a
 save every --save-every steps, synchronous and asynchronous in turn (--repeats times each).  From
-metrics.jsonl: the time between two steps is the difference of `elapsed_s`, which holds the step and
-whatever the loop did after the previous one (logging, and after a save step the save's stall):
+metrics.jsonl (the loop writes, in the row after a save, how long `Run.save` blocked training):
 
-  step s      median time between steps that follow no save (the plain step)
-  stall s     the step after a save minus the plain step: how long the save blocked training
-  interval s  the excess of the whole save interval (the steps after a save up to the next save) over
-              that many plain steps: the save's full cost to training time, including a background
-              writer competing for the CPU
+  step s      median step_s of the steps (the plain step)
+  stall s     save_stall_s: wall seconds the save blocked the training loop
+  stall cpu s save_stall_cpu_s: CPU seconds of the training thread in the save (steady under machine load:
+              it excludes waiting for a core; it also excludes waiting for the disk)
+  interval s  the excess of the whole save interval (the time between the rows of the save step and of the
+              next save step, from elapsed_s) over that many plain steps: the save's full cost to training
+              time, including a background writer competing for the CPU
   peak GiB    the process's peak memory (metrics.jsonl peak_mem_gib): the async save's host copy
 
 The saves inside the loop (not the final one) are measured.  The run directories live under --workdir and
@@ -63,18 +64,18 @@ def measure(args, data: pathlib.Path, workdir: pathlib.Path, asynchronous: bool)
         checkpoint_bytes = sum(size for size, _ in files.values())
     finally:
         shutil.rmtree(run, ignore_errors=True)
-    gaps = {r["step"]: r["elapsed_s"] - p["elapsed_s"] for p, r in zip(rows, rows[1:])}
-    saves = [s for s in range(args.save_every, args.steps, args.save_every)]
-    after = {s + 1 for s in saves}
-    interval = {s + k for s in saves for k in range(1, args.save_every + 1) if s + k <= args.steps}
-    plain = statistics.median(g for s, g in gaps.items() if s not in interval)
-    stalls = [gaps[s + 1] - plain for s in saves]
-    costs = [sum(gaps[s + k] for k in range(1, args.save_every + 1)) - args.save_every * plain for s in saves
-             if s + args.save_every <= args.steps]
+    by_step = {r["step"]: r for r in rows}
+    plain = statistics.median(r["step_s"] for r in rows)
+    saves = list(range(args.save_every, args.steps, args.save_every))
+    stalls = [by_step[s + 1]["save_stall_s"] for s in saves]
+    cpu = [by_step[s + 1]["save_stall_cpu_s"] for s in saves]
+    costs = [by_step[s + args.save_every]["elapsed_s"] - by_step[s]["elapsed_s"] - args.save_every * plain
+             for s in saves if s + args.save_every < args.steps]
     return {"mode": "async" if asynchronous else "sync", "step_s": plain, "stall_s": statistics.median(stalls),
-            "stalls_s": stalls, "interval_s": statistics.median(costs) if costs else None, "intervals_s": costs,
+            "stall_cpu_s": statistics.median(cpu), "stalls_s": stalls, "stalls_cpu_s": cpu,
+            "interval_s": statistics.median(costs) if costs else None, "intervals_s": costs,
             "peak_mem_gib": max(r["peak_mem_gib"] for r in rows), "checkpoint_mib": checkpoint_bytes / common.MIB,
-            "saves_measured": len(saves), "steps_after_save": sorted(after)}
+            "saves_measured": len(saves)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for asynchronous in (False, True):          # in turn: a change of machine load falls on both alike
                 runs.append({"repeat": repeat, **measure(args, data, workdir, asynchronous)})
-                print(f"  {runs[-1]['mode']}: step {runs[-1]['step_s']:.2f} s, stall {runs[-1]['stall_s']:.2f} s",
-                      flush=True)
+                print(f"  {runs[-1]['mode']}: step {runs[-1]['step_s']:.2f} s, stall {runs[-1]['stall_s']:.2f} s "
+                      f"({runs[-1]['stall_cpu_s']:.2f} s CPU)", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = []
@@ -106,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in runs if r["mode"] == mode]
         rows.append({"mode": mode, "config": args.config, "checkpoint_mib": mine[0]["checkpoint_mib"],
                      **{key: statistics.median(r[key] for r in mine if r[key] is not None)
-                        for key in ("step_s", "stall_s", "interval_s", "peak_mem_gib")},
+                        for key in ("step_s", "stall_s", "stall_cpu_s", "interval_s", "peak_mem_gib")},
                      "saves_measured": sum(r["saves_measured"] for r in mine)})
     info = common.machine()
     table = common.print_table(rows, [
         ("mode", "save", "s"), ("checkpoint_mib", "ckpt MiB", ".0f"), ("step_s", "step s", ".2f"),
-        ("stall_s", "stall s", ".2f"), ("interval_s", "interval s", ".2f"), ("peak_mem_gib", "peak GiB", ".2f"),
+        ("stall_s", "stall s", ".2f"), ("stall_cpu_s", "stall cpu s", ".2f"), ("interval_s", "interval s", ".2f"), ("peak_mem_gib", "peak GiB", ".2f"),
         ("saves_measured", "saves", "d")],
         title=f"save stall [{args.config}, seq {args.seq_len}, vocab {args.vocab}, batch 2, 1 thread] on "
               f"{info['device']}, load {info['load_avg_1_5_15'][0]:.1f}")

@@ -101,6 +101,7 @@ class Run:
         self.lock = RunLock(self.run_dir, cfg.train.lock_timeout, log=self.log.event)
         self.data_dir = mixture_tokenizer(cfg.data.train)[1]    # the (first) dataset: its tokenizer is the run's
         self.resume_from: str | None = None      # the train.resume_from choice this run descends from
+        self.save_stall: dict = {}               # how long the last save blocked training: the next metrics row
         self.profiler = None
 
     # ------------------------------------------------------------------------------------------
@@ -227,6 +228,7 @@ class Run:
         return progress
 
     def save(self, progress: Progress) -> None:
+        started, cpu = time.monotonic(), time.thread_time()
         progress.loader = self.loader.state_dict()
         from calm_train.train.reshard import engine_counters, layout_of, optimizer_export, write_optimizer
         state = {"progress": dataclasses.asdict(progress), "engine": engine_counters(self.engine),
@@ -250,6 +252,8 @@ class Run:
                     save_autoencoder_file(self.autoencoder, directory)
 
         self.checkpoints.save(progress.step, write, {"kind": self.cfg.model.kind})
+        self.save_stall = {"save_stall_s": round(time.monotonic() - started, 4),
+                           "save_stall_cpu_s": round(time.thread_time() - cpu, 4)}
 
     # ------------------------------------------------------------------------------------------
     def evaluate(self, step: int) -> None:
@@ -272,6 +276,8 @@ class Run:
             progress.dataset_tokens[name] = progress.dataset_tokens.get(name, 0) + int(count) // replicas * seq_len
 
     def metrics_row(self, progress: Progress, result, step_s: float, tokens_per_step: int) -> dict:
+        """One metrics.jsonl row; after a save, the row of the next logged step says how long it blocked training."""
+        stall, self.save_stall = self.save_stall, {}
         tokens_per_s = tokens_per_step / max(step_s, 1e-9)
         mfu, note = self.mfu.row(tokens_per_s)
         if note:
@@ -283,7 +289,7 @@ class Run:
             "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "samples": progress.samples,
             "elapsed_s": round(progress.elapsed_s, 3), "skipped_steps": progress.skipped_steps,
             "step_s": round(step_s, 4), "flops": self.mfu.flops_per_token * progress.tokens, **mfu,
-            "peak_mem_gib": round(float(peak_mem), 4),
+            "peak_mem_gib": round(float(peak_mem), 4), **stall,
             **{f"tokens/{name}": count for name, count in progress.dataset_tokens.items()},
         }
 
