@@ -46,13 +46,13 @@ def _train(args) -> int:
 
 def _config(args) -> int:
     from calm_train.config import load_config, to_yaml
-    from calm_train.errors import user_errors
+    from calm_train.errors import UserError
     cfg = load_config(args.config, args.overrides)
     if cfg.data.train:
         from calm_train.train.loop import resolve_data
         try:
             resolve_data(cfg)
-        except user_errors() as err:
+        except UserError as err:
             print(f"calm-train config: note: vocab_size and seq_len not taken from the data ({err})", file=sys.stderr)
     print(to_yaml(cfg), end="")
     return 0

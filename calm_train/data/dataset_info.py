@@ -13,13 +13,14 @@ import json
 import pathlib
 from dataclasses import dataclass, field
 
+from calm_train.errors import UserError
 from calm_train.storage.url import child, is_url
 
 INFO_NAME = "dataset.json"
 FORMAT_VERSION = 1
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """A prepared data directory that cannot be used; the message names the file and the fix."""
 
 

@@ -39,7 +39,7 @@ from calm_train.data import jobdir
 from calm_train.data.dataset_info import DataError, read_dataset_info
 from calm_train.data.mixing import as_sources, count_per_source, proportions, read_mixture
 from calm_train.data.verify import verify_dataset
-from calm_train.errors import user_errors
+from calm_train.errors import UserError
 from calm_train.storage.url import child
 
 CANONICAL_NODES = 1
@@ -130,7 +130,7 @@ class TokenLoader:
             try:
                 for source in self.sources:
                     verify_dataset(source.path, [split])
-            except user_errors() as err:
+            except UserError as err:
                 error = str(err)
         _all_ranks_ok(error)
 

@@ -11,8 +11,8 @@ leaves a directory that is recognised as half-pruned and removed at the next sta
 
 With `train.async_save` the same directory is written by a background thread from host copies of the
 tensors (the next save and the exit wait for it); with `train.remote_checkpoints` every complete
-checkpoint is mirrored to a bucket in the background (storage/mirror.py), and a start without local
-checkpoints resumes from the bucket's newest complete one (storage/checkpoints.py).
+checkpoint is mirrored to a bucket in the background (train/mirror.py), and a start without local
+checkpoints resumes from the bucket's newest complete one (convert/remote.py).
 
 Besides the files of convert/native.py, the training loop writes into each checkpoint
 `rng/rank_NNNNN.safetensors`: the python, numpy, torch (and CUDA) RNG states of every rank as tensors,
@@ -36,7 +36,7 @@ from calm_train.convert.native import (LATEST, PARTIAL_PREFIX, PRUNING_PREFIX, C
                                        write_manifest)
 from calm_train.files import fsync_dir, write_atomic
 
-from calm_train.storage.checkpoints import HISTORY
+from calm_train.convert.remote import HISTORY
 
 MIRROR_PREFIX = ".mirror-"              # checkpoints/.mirror-step_NNNNNNNN: hard links of a checkpoint being uploaded
 
@@ -136,7 +136,7 @@ class CheckpointManager:
     of the tensors that the caller took: the engine's exports and rng_snapshot are copies); its ranks agree over a group of their own before rank 0
     publishes.  The next `save` and `close` wait for it, and a failure is raised there, the same error a
     synchronous save raises.  `remote` (train.remote_checkpoints): rank 0 mirrors every complete checkpoint
-    there in the background (storage/mirror.py) and `sync_remote` restores from it at a start.
+    there in the background (train/mirror.py) and `sync_remote` restores from it at a start.
     """
 
     def __init__(self, run_dir, rank: int = 0, barrier=lambda: None, keep_last: int = 2, keep_every: int = 0,
@@ -151,7 +151,7 @@ class CheckpointManager:
         self.remote = remote
         self.mirror = None
         if remote and rank == 0:
-            from calm_train.storage.mirror import CheckpointMirror
+            from calm_train.train.mirror import CheckpointMirror
             self.mirror = CheckpointMirror(remote, keep_last, keep_every, log)
 
     def complete(self) -> list[pathlib.Path]:
@@ -322,7 +322,7 @@ class CheckpointManager:
         downloaded (every sha256 checked) when the run directory has none as new, and the newest local one is
         uploaded when the bucket lacks it."""
         from calm_train.storage import objects
-        from calm_train.storage.checkpoints import complete_steps, restore_history, restore_newest
+        from calm_train.convert.remote import complete_steps, restore_history, restore_newest
         if not self.remote:
             return
         objects.check_writable(self.remote)
@@ -343,7 +343,7 @@ class CheckpointManager:
     def check_remote_branch(self, start: pathlib.Path | None, resume_from: str) -> None:
         """train.resume_from=scratch or PATH starts a new branch of the run: refuse it while the bucket holds
         later checkpoints, which a start without local checkpoints would take."""
-        from calm_train.storage.checkpoints import complete_steps
+        from calm_train.convert.remote import complete_steps
         if not self.remote or not resume_from:
             return
         step = step_of(start) if start is not None else 0

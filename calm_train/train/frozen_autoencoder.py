@@ -34,7 +34,7 @@ class AutoencoderRef:
 def find_autoencoder(spec: str) -> AutoencoderRef:
     from calm_train.convert.native import AUTOENCODER_SPEC, AUTOENCODER_WEIGHTS, resolve_checkpoint
     from calm_train.files import sha256_file
-    from calm_train.storage.checkpoints import fetch_checkpoint
+    from calm_train.convert.remote import fetch_checkpoint
     from calm_train.train.identity import recorded_tokenizer
     path = pathlib.Path(fetch_checkpoint(spec))
     if not path.exists():

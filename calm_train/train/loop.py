@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from calm_train.config import Config, data_parallel_size, to_yaml, validate, validate_layout
 from calm_train.data.loader import require_one_batch
-from calm_train.errors import UserError, user_errors
+from calm_train.errors import UserError
 from calm_train.train import identity
 from calm_train.train.checkpoint import (CheckpointManager, load_rng_state, rng_file, rng_snapshot,
                                         write_rng_state)
@@ -114,7 +114,7 @@ class Run:
         if self.rank == 0:
             try:
                 start = self._choose_start()
-            except user_errors() as err:
+            except UserError as err:
                 error = str(err)
         error, latest, self.resume_from = broadcast_object(
             (error, *((start.checkpoint, start.resume_from) if start else (None, None))))
@@ -217,7 +217,7 @@ class Run:
         if saved.get("layout") == layout and path.is_file():
             try:
                 rng = load_rng_state(path)
-            except user_errors() as err:
+            except UserError as err:
                 error = err
         if any_rank(error is not None):                 # every rank stops, not only the one that cannot read
             raise error or UserError(f"another rank could not read its RNG states in {latest}/rng (see its error)")

@@ -24,7 +24,7 @@ from calm_train.convert.native import (LATEST, CheckpointError, read_json, resol
                                        verify_checkpoint)
 from calm_train.files import move_aside as move_path_aside
 from calm_train.errors import UserError
-from calm_train.storage.checkpoints import fetch_checkpoint
+from calm_train.convert.remote import fetch_checkpoint
 from calm_train.storage.url import is_url
 
 SCRATCH = "scratch"

@@ -20,7 +20,7 @@ import json
 import pathlib
 
 from calm_train.config import Config, ModelConfig
-from calm_train.errors import UserError, user_errors
+from calm_train.errors import UserError
 from calm_train.storage.url import is_url
 
 KEY = "model.init_from"
@@ -77,7 +77,7 @@ class WarmStart:
         from calm_train.convert.sources import open_source
         try:
             self.source = open_source(self.spec)
-        except user_errors() as err:
+        except UserError as err:
             raise UserError(f"config key '{KEY}': {err}") from err
         kind, theirs = cfg.model.kind, self.source.model.kind
         if theirs != kind:

@@ -3,7 +3,7 @@
 Rank 0 submits each checkpoint once it is complete (the checkpoint manager hard-links its files into
 `checkpoints/.mirror-step_NNNNNNNN/` first, so a local pruning meanwhile takes nothing from the upload).  One
 thread uploads them in order: every file, then the run's history (metrics.jsonl, eval.jsonl as they were),
-then manifest.json, so a checkpoint whose manifest is in the bucket is complete there (storage/checkpoints.py),
+then manifest.json, so a checkpoint whose manifest is in the bucket is complete there (convert/remote.py),
 and applies the keep policy to the bucket (manifest deleted first).  Uploads never block a step.  A request
 that fails is retried (botocore's own retries, then `attempts` times with a doubling pause); one that keeps
 failing is reported in one line, the local checkpoint stays valid and the run goes on.  `close` waits for
@@ -19,7 +19,7 @@ import time
 
 from calm_train.convert.native import MANIFEST, kept_steps, step_name
 from calm_train.storage import objects
-from calm_train.storage.checkpoints import checkpoints_url, complete_steps, remote_steps
+from calm_train.convert.remote import checkpoints_url, complete_steps, remote_steps
 from calm_train.storage.url import StorageError, child
 
 
