@@ -48,10 +48,11 @@ class Recipe:
     note: str = ""
 
 
-HEAD = ("model.head.init=fan_in", "model.head.hidden_in_stream=true")
+PAPER = ("model.head.init=reference", "model.head.hidden_in_stream=false")   # the paper's head
+HEAD = ("model.head.init=fan_in", "model.head.hidden_in_stream=true")          # demo_calm's head since this study
 RECIPES: dict[str, Recipe] = {
-    "paper": Recipe(note="the demo's recipe (the paper's head, init std 0.02)"),
-    "head": Recipe(calm=HEAD, note="head: fan-in init and the hidden embedding added to the stream"),
+    "paper": Recipe(calm=PAPER, note="the paper's recipe (demo_calm with the paper's head: init std 0.02)"),
+    "head": Recipe(calm=HEAD, note="head: fan-in init and the hidden embedding added to the stream (demo_calm)"),
     "head_fan_in": Recipe(calm=HEAD[:1], note="head: fan-in init only"),
     "head_stream": Recipe(calm=HEAD[1:], note="head: the hidden embedding added to the stream only"),
 }
@@ -154,7 +155,7 @@ def run_one(work: pathlib.Path, rung: str, model: str, k: int, recipe_name: str,
             tokens: int, samples: int, eval_tokens: int) -> dict:
     """One trained and evaluated model (model: calm | ar); cached."""
     data = rung_data(work, rung, k, tokens)
-    demo_flops = DEMO_CALM_STEPS * flops_per_step("demo_calm", rung_data(work, rung, 4, tokens), [])
+    demo_flops = DEMO_CALM_STEPS * flops_per_step("demo_calm", rung_data(work, rung, 4, tokens), list(PAPER))
     log: list = []
     run_dir = work / "ar" / f"{rung}_t{tokens}" / f"b{budget}_s{seed}" if model == "ar" else \
         work / "calm" / f"{rung}_t{tokens}_k{k}" / f"{recipe_name}_b{budget}_s{seed}"
