@@ -41,7 +41,7 @@ def cli(*args: str) -> None:
 def prepare_inputs(args, work: pathlib.Path) -> tuple[str, str | None]:
     data = args.data
     if data is None:
-        from data_prep.corpus import default_corpus, write_corpus_jsonl
+        from data_prep.embedded import default_corpus, write_corpus_jsonl
         corpus = write_corpus_jsonl(work / "corpus.jsonl", default_corpus()[:60])
         data = str(work / "data")
         cli("prepare", "--input", str(corpus), "--tokenizer", "train:512", "--out", data, "--seq-len", "32",

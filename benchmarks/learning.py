@@ -42,6 +42,11 @@ QUARTERS = 4
 WIKITEXT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext" / "wikitext_document_level-test.json"
 
 
+# this study's points use the paper's energy head, as demo_calm did when it was measured (demo_calm now has the
+# head of the learning ladder, benchmarks/learning_ladder.py)
+PAPER_HEAD = ("model.head.init=reference", "model.head.hidden_in_stream=false")
+
+
 @dataclasses.dataclass(frozen=True)
 class Point:
     """One setting of the grid: overrides on top of the demo configs."""
@@ -221,7 +226,7 @@ def run_point(name: str, point: Point, work: pathlib.Path, samples: int, eval_to
     ae_dir = work / "ae" / f"{point.corpus}_v{point.vocab}_{key_of(point.ae)}"
     ae = train("demo_autoencoder", ae_dir, common_args + list(point.ae), log)
     calm_dir = work / "calm" / name
-    calm = train("demo_calm", calm_dir, common_args + [f"model.autoencoder={ae_dir}", *point.calm,
+    calm = train("demo_calm", calm_dir, common_args + [f"model.autoencoder={ae_dir}", *PAPER_HEAD, *point.calm,
                                                        *quarter_overrides(point.calm_steps)], log)
     ar_steps = max(QUARTERS, round(calm["flops"] / ar_flops_per_step(data, common_args + list(point.ar))))
     ar_steps -= ar_steps % QUARTERS                       # quarters at the same steps

@@ -63,6 +63,9 @@ class BackboneArch:
         return self.num_kv_heads or self.num_heads
 
 
+HEAD_INITS = ("reference", "fan_in")
+
+
 @dataclass
 class EnergyHeadArch:
     """The energy-based generative head and its loss."""
@@ -71,6 +74,8 @@ class EnergyHeadArch:
     num_samples: int = 8              # N model samples per position
     num_target_samples: int = 100     # M samples of the frozen autoencoder's posterior
     beta: float = 1.0
+    init: str = "reference"           # reference: Linear weights ~ N(0, model.init_std) | fan_in: ~ N(0, 1/fan_in)
+    hidden_in_stream: bool = False    # also add the hidden embedding to the noise embedding that starts the stream
 
 
 @dataclass
@@ -469,6 +474,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _check(0 < h.beta < 2, "model.head.beta", f"beta={h.beta} is not in (0, 2): the score is not "
                "strictly proper", "use beta=1")
         _check(h.num_blocks >= 1 and h.noise_size >= 1, "model.head.num_blocks", "must be >= 1", "use 4")
+        _check(h.init in HEAD_INITS, "model.head.init", f"{h.init!r} is not one of {HEAD_INITS}",
+               "use reference (the paper's N(0, model.init_std)) or fan_in (N(0, 1/fan_in))")
 
     _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{p.zero_stage} is not a ZeRO stage",
            "use 0, 1, 2 or 3")

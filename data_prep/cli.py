@@ -15,6 +15,7 @@ dataset.json last: readers need dataset.json, so a half-uploaded dataset is neve
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pathlib
 import shutil
@@ -56,6 +57,10 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true", help="merge the finished array tasks in --out")
     parser.add_argument("--tokenizer-only", action="store_true",
                         help="only train/copy the tokenizer into --out (for array runs with train:VOCAB)")
+    parser.add_argument("--language", metavar="FILE", default=None,
+                        help="the synthetic language the input was drawn from (default: OUT.language.json beside an "
+                             "--input OUT.jsonl written by `python -m data_prep.corpus --source synthetic:RUNG`); "
+                             "copied into --out, so `calm-train eval` reports the optimal BrierLM beside the model's")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an --out that holds other files than a previous prepare output "
                              "(they are moved aside to OUT.before-prepare-TIME, not deleted)")
@@ -130,19 +135,44 @@ def prepare_here(args: argparse.Namespace) -> dict:
         stage.commit()
         return {"tokenizer": str(pathlib.Path(args.out) / tokenizer.main), "vocab_size": tokenizer.vocab_size}
 
+    language = attached_language(args.language, inputs, tokenizer)
     per_shard = args.samples_per_shard or max(1, SHARD_BYTES // (4 * args.seq_len))
     settings = Settings(seq_len=args.seq_len, patch_size=args.patch_size, val_fraction=val_fraction,
                         samples_per_shard=per_shard, inputs=inputs, val_inputs=val_inputs,
-                        num_shards=num_shards, tokenizer_sha256=tokenizer.sha256)
+                        num_shards=num_shards, tokenizer_sha256=tokenizer.sha256,
+                        language_sha256=hashlib.sha256(language).hexdigest() if language else None)
     if not array:
         stage.clear_work()                          # a single process is the whole array: no other task's work
-    run_task(stage.root, settings, tokenizer, index, args.workers)
+    run_task(stage.root, settings, tokenizer, index, args.workers, language)
     if array:
         return {"task": index, "num_shards": num_shards, "wall_s": round(time.time() - start, 2)}
     info = merge(stage.root, new, workers=args.workers, tokenizer=tokenizer)
     stage.commit()
     return {"out": args.out, "splits": info.splits, "documents": info.documents,
             "text_mb": round(info.text_bytes / 1e6, 3), "wall_s": round(time.time() - start, 2)}
+
+
+def attached_language(given: str | None, inputs: list[str], tokenizer) -> bytes | None:
+    """The bytes of the language file to copy into the output: --language (it must be the tokenizer's
+    language), else OUT.language.json beside a single --input OUT.jsonl when the tokenizer is its own
+    (another tokenizer's tokens are not the language's: a note says why the file is left out)."""
+    from data_prep.synthetic.language import LanguageError, language_path, read_language
+    path = pathlib.Path(given) if given else language_path(inputs[0]) if len(inputs) == 1 else None
+    if path is None or (not given and not path.is_file()):
+        return None
+    try:
+        language = read_language(path)
+    except LanguageError as err:
+        raise DataError(str(err)) from err
+    if language.tokenizer_sha256() == tokenizer.sha256:
+        return path.read_bytes()
+    if given:
+        raise DataError(f"--language {path}: its tokens are those of its own tokenizer, not of --tokenizer "
+                        f"(sha256 {tokenizer.sha256[:12]}...). Fix: pass --tokenizer "
+                        f"{path.with_name(path.name.replace('.language.json', '.tokenizer.json'))}, or drop --language")
+    print(f"calm-train prepare: note: {path} is left out of the output: --tokenizer is not the language's own, so "
+          "its exact optimum does not apply to these tokens", file=sys.stderr)
+    return None
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ from data_prep.packing import pack_documents
 from data_prep.sources import split_long
 
 SPLITS = ("train", "val")
+LANGUAGE_NAME = "language.json"
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Settings:
     val_inputs: list[str]
     num_shards: int
     tokenizer_sha256: str
+    language_sha256: str | None = None      # the synthetic language copied into the output (task dir: language.json)
 
 
 def task_dir(out: pathlib.Path, index: int, num_shards: int) -> pathlib.Path:
@@ -93,12 +95,14 @@ def encode_chunk(job: tuple[int, bool, tuple, float, int]) -> tuple[int, dict, d
 
 
 def run_task(out: pathlib.Path, settings: Settings, tokenizer: Tokenizer, shard_index: int,
-             workers: int) -> pathlib.Path:
-    """Encode this task's chunks into out/.work/task-I-of-N/; returns that directory."""
+             workers: int, language: bytes | None = None) -> pathlib.Path:
+    """Encode this task's chunks into out/.work/task-I-of-N/ (with the language file, if any); returns that directory."""
     tdir = task_dir(out, shard_index, settings.num_shards)
     tdir.mkdir(parents=True, exist_ok=True)
     (tdir / "task.json").unlink(missing_ok=True)
     tok_path = tokenizer.save(tdir / "tokenizer")
+    if language is not None:
+        (tdir / LANGUAGE_NAME).write_bytes(language)
     files = {s: open(tdir / f"{s}.bin", "wb") for s in SPLITS}
     chunks, totals = [], {s: collections.Counter() for s in SPLITS}
 

@@ -19,7 +19,7 @@ MIN_WORDS words, fewer than MIN_LETTERS of its characters letters or spaces, or 
 Deterministic and deduplicated: files are read in sorted path order per package (packages in
 PACKAGES order); a paragraph whose normalised text (lowercase alphanumeric words) was seen before
 is dropped, as is every paragraph that shares a 13-word n-gram (normalised the same way) with an
-excluded text: the wikitext validation file, and by default the embedded corpus (data_prep.corpus),
+excluded text: the wikitext validation file, and by default the embedded corpus (data_prep.embedded),
 so the two corpora can be mixed without overlap.  One document per source file (its kept
 paragraphs joined by blank lines).
 """
@@ -229,7 +229,7 @@ def read_jsonl_texts(path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m data_prep.package_docs OUT.jsonl [--root DIR] [--exclude FILE.jsonl ...]`: write the corpus."""
     import argparse
-    from data_prep.corpus import default_corpus, write_corpus_jsonl
+    from data_prep.embedded import default_corpus, write_corpus_jsonl
     parser = argparse.ArgumentParser(prog="python -m data_prep.package_docs", description=main.__doc__)
     parser.add_argument("out", help="JSON lines file to write (a stats file OUT.stats.json is written beside it)")
     parser.add_argument("--root", default="/", help="file-system root the packages are installed (or unpacked) under")

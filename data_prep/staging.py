@@ -41,7 +41,8 @@ def output_kind(out: pathlib.Path) -> str:
             info = read_dataset_info(out)
         except DataError:
             return "foreign"
-        return "data" if entries <= {INFO_NAME, *info.tokenizer_files, *SPLITS} else "foreign"
+        language = {info.language} if info.language else set()
+        return "data" if entries <= {INFO_NAME, *info.tokenizer_files, *language, *SPLITS} else "foreign"
     return "tokenizer" if entries <= TOKENIZER_FILES else "foreign"
 
 

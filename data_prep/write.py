@@ -19,7 +19,7 @@ import numpy as np
 
 from calm_train.data.dataset_info import DataError, DatasetInfo, write_dataset_info
 from calm_train.data.tokenizer import Tokenizer, load_tokenizer
-from data_prep.encode import SPLITS, task_dir
+from data_prep.encode import LANGUAGE_NAME, SPLITS, task_dir
 from data_prep.mds import write_shard
 from data_prep.packing import TOKEN_DTYPE, cut_sequences
 
@@ -144,5 +144,8 @@ def merge(work, out, workers: int = 1, tokenizer: Tokenizer | None = None) -> Da
         text_bytes=sum(s["text_bytes"] for s in splits.values()),
         samples_per_shard=st["samples_per_shard"], val_fraction=st["val_fraction"],
         inputs=st["inputs"] + st["val_inputs"])
+    if st.get("language_sha256"):
+        shutil.copyfile(task_dir(work, 0, st["num_shards"]) / LANGUAGE_NAME, out / LANGUAGE_NAME)
+        info.language, info.language_sha256 = LANGUAGE_NAME, st["language_sha256"]
     write_dataset_info(out, info)
     return info

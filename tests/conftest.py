@@ -44,6 +44,26 @@ def tiny_data(tiny_corpus, tmp_path_factory) -> pathlib.Path:
     return out
 
 
+def prepare_synthetic(root: pathlib.Path, spec: str, seq_len: int, patch_size: int, tokens: int,
+                      val_tokens: int, seed: int = 0) -> pathlib.Path:
+    """A corpus of a synthetic language (data_prep/synthetic) prepared with its own tokenizer and language file."""
+    from data_prep.cli import main as prepare
+    from data_prep.corpus import write_synthetic
+    corpus = root / "corpus.jsonl"
+    write_synthetic(str(corpus), spec, seed, tokens, val_tokens)
+    out = root / "data"
+    assert prepare(["--input", str(corpus), "--val-input", str(root / "corpus.val.jsonl"), "--tokenizer",
+                    str(root / "corpus.tokenizer.json"), "--out", str(out), "--seq-len", str(seq_len),
+                    "--patch-size", str(patch_size)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> pathlib.Path:
+    """The `templates` rung (a few dozen words), seq-len 32, K=4, 60k training and 6k held-out tokens."""
+    return prepare_synthetic(tmp_path_factory.mktemp("synthetic"), "templates", 32, 4, 60_000, 6_000)
+
+
 @pytest.fixture(scope="session")
 def tiny_ae(tiny_data, tmp_path_factory) -> pathlib.Path:
     """A 2-step autoencoder run: a fixed frozen autoencoder for CALM (its quality does not matter)."""

@@ -54,6 +54,7 @@ INVALID = [
     (["model.autoencoder="], "model.autoencoder", None),
     (["model.head.num_samples=1"], "model.head.num_samples", None),
     (["model.head.beta=2.5"], "model.head.beta", None),
+    (["model.head.init=xavier"], "model.head.init", None),
     (["train.global_batch=6"], "train.global_batch", None),
     (["train.lr=0"], "train.lr", None),
     (["train.schedule=linear"], "train.schedule", None),

@@ -171,6 +171,11 @@ def autoencoder_to_reference(ae: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def calm_fields(model: ModelConfig, ae_vocab: int) -> dict:
     head = model.head
+    if head.hidden_in_stream:
+        raise ConvertError("model.head.hidden_in_stream=true: the reference release's energy head starts its stream "
+                           "with the noise embedding alone, so it would run these weights as another model. Fix: "
+                           "export to the native or Hugging Face layout (the reference layout holds heads trained "
+                           "with hidden_in_stream=false)")
     return {"architectures": ["EnergyTransformer"], "patch_size": model.patch_size,
             "latent_size": model.ae.latent_size, "num_mlp_layers": head.num_blocks, "num_samples": head.num_samples,
             "beta": head.beta, "noise_size": head.noise_size, "num_target_samples": head.num_target_samples,

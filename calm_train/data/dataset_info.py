@@ -4,6 +4,8 @@ Layout of a prepared directory (or of a prefix in a bucket, `s3://BUCKET/PREFIX`
     DIR/dataset.json                 this record
     DIR/<tokenizer files>            tokenizer.json, or tokenizer.model + tokenizer_config.json
     DIR/<split>/index.json           MDS index of the split (train, val)
+    DIR/language.json                a synthetic language's description, when the input was written by one
+                                     (data_prep/synthetic: the exact predictive of the held-out split)
     DIR/<split>/part-NNNNN/shard.00000.mds.zstd   one shard per part; column `tokens`: uint32[seq_len]
 """
 from __future__ import annotations
@@ -42,9 +44,14 @@ class DatasetInfo:
     val_fraction: float
     inputs: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    language: str | None = None             # file name of the synthetic language the text was drawn from
+    language_sha256: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+        tree = dataclasses.asdict(self)
+        if self.language is None:                # data not drawn from a synthetic language: no language keys
+            del tree["language"], tree["language_sha256"]
+        return json.dumps(tree, indent=1, sort_keys=True) + "\n"
 
 
 def write_dataset_info(data_dir, info: DatasetInfo) -> pathlib.Path:
@@ -80,11 +87,12 @@ def parse_dataset_info(text: str, path: str) -> DatasetInfo:
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err}). Fix: rerun `calm-train prepare`") from err
     names = {f.name for f in dataclasses.fields(DatasetInfo)}
-    missing = sorted(n for n in names if n not in tree and n not in ("inputs", "format_version"))
+    missing = sorted(n for n in names if n not in tree and n not in ("inputs", "format_version", "language",
+                                                                       "language_sha256"))
     if missing:
         raise DataError(f"{path}: missing keys {missing}. Fix: rerun `calm-train prepare` with this version")
     info = DatasetInfo(**{k: v for k, v in tree.items() if k in names})
-    for name in [info.tokenizer, *info.tokenizer_files]:
+    for name in [info.tokenizer, *info.tokenizer_files, *([info.language] if info.language is not None else [])]:
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
             raise DataError(f"{path}: {name!r} is not a plain file name (dataset.json names files beside it; "
                             "a path could read or write elsewhere). Fix: rerun `calm-train prepare`")

@@ -52,6 +52,19 @@ class KVCache:
         self._kv_SBHD[layer_number] = (k_SBHD, v_SBHD)
         return k_SBHD, v_SBHD
 
+    def select(self, length: int, rows_R: torch.Tensor) -> "KVCache":
+        """A new cache of positions [0, length) for the batch rows `rows_R` (repeats allowed: one row per rollout)."""
+        out = KVCache()
+        out.length = length
+        out._kv_SBHD = {n: (k[:length].index_select(1, rows_R), v[:length].index_select(1, rows_R))
+                        for n, (k, v) in self._kv_SBHD.items()}
+        return out
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on."""
+        self.length = length
+        self._kv_SBHD = {n: (k[:length], v[:length]) for n, (k, v) in self._kv_SBHD.items()}
+
 
 _ACTIVE_CACHE: contextvars.ContextVar[KVCache | None] = contextvars.ContextVar("kv_cache", default=None)
 

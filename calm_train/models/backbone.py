@@ -111,6 +111,12 @@ class Backbone(MegatronModule):
             pre_process=pre_process, post_process=post_process)
         self.rotary = RotaryEmbedding(config.kv_channels, arch.rope_theta)
 
+    @property
+    def sequence_multiple(self) -> int:
+        """Input lengths must be multiples of this: the TP size under sequence parallelism (the sequence is
+        split over the TP ranks), else 1."""
+        return self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first take their input from here instead of forward's argument."""
         if isinstance(input_tensor, (list, tuple)):

@@ -72,6 +72,11 @@ class CALM(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.backbone.set_input_tensor(input_tensor)
 
+    @property
+    def sequence_multiple(self) -> int:
+        """Inputs hold a multiple of this many chunks (the backbone's sequence_multiple)."""
+        return self.backbone.sequence_multiple
+
     def chunks(self, tokens_BL: torch.Tensor) -> torch.Tensor:
         """[B, T, K] view of [B, L]; L must be a multiple of K."""
         B, L = tokens_BL.shape

@@ -1,10 +1,21 @@
 """The energy-based generative head and the energy score (CALM, Section 3).
 
 The head maps a backbone hidden state h and a noise vector eps ~ U[-0.5, 0.5]^noise_size to one
-sample of the next latent vector: noise and hidden are embedded (Linear + LayerNorm), the noise
-embedding is refined by residual MLP blocks conditioned on the hidden embedding, and a final
+sample of the next latent vector: noise and hidden are embedded (Linear + LayerNorm),
+
+    s_0 = LN(W_eps eps)                      (the reference)
+    s_0 = LN(W_eps eps) + LN(W_h h)          (model.head.hidden_in_stream=true)
+
+the stream s is refined by residual MLP blocks conditioned on the hidden embedding, and a final
 LayerNorm -> Linear -> SiLU -> Linear maps it to the latent (last layer zero-initialised).
-Parameter names mirror the reference release's `MLPGenerator` checkpoint keys.
+Parameter names mirror the reference release's `MLPGenerator` checkpoint keys; both options add none.
+
+Initialisation (`model.head.init`): `reference` draws every Linear weight from N(0, model.init_std^2),
+`fan_in` from N(0, 1/fan_in).  With the reference's std 0.02 a narrow head (width 128) starts with
+blocks whose update is ~2e-6 of their input (fan_in: ~0.06): each Linear scales by 0.02 sqrt(fan_in)
+~ 0.2-0.3 and the gate multiplies two such signals.  So h reaches the output only through nearly
+dead blocks while the noise embedding reaches it directly: the head learns the marginal cloud of latents at once and the
+dependence on h very slowly (benchmarks/learning_ladder.py measures it).
 
 The loss is the energy score of N model samples x against M samples y of the frozen
 autoencoder's posterior, per position:
@@ -59,11 +70,11 @@ class FinalLayer(nn.Module):
 
 
 class EnergyHead(nn.Module):
-    """Initialised as the reference: Linear weights ~ N(0, init_std), biases 0, last layer 0."""
+    """Linear weights ~ N(0, init_std) (arch.init reference) or N(0, 1/fan_in) (fan_in), biases 0, last layer 0."""
 
     def __init__(self, hidden_size: int, latent_size: int, arch: EnergyHeadArch, init_std: float = 0.02):
         super().__init__()
-        self.noise_size = arch.noise_size
+        self.noise_size, self.hidden_in_stream = arch.noise_size, arch.hidden_in_stream
         self.noise_embd = nn.Linear(arch.noise_size, hidden_size)
         self.hidden_embd = nn.Linear(hidden_size, hidden_size)
         self.norm_hidden = nn.LayerNorm(hidden_size, eps=LN_EPS)
@@ -72,7 +83,8 @@ class EnergyHead(nn.Module):
         self.final_layer = FinalLayer(hidden_size, latent_size)
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=init_std)
+                std = module.in_features ** -0.5 if arch.init == "fan_in" else init_std
+                nn.init.normal_(module.weight, std=std)
                 nn.init.zeros_(module.bias)
         nn.init.zeros_(self.final_layer.linears[2].weight)
 
@@ -80,6 +92,8 @@ class EnergyHead(nn.Module):
         """[B, T, N, D]: one latent sample per noise vector."""
         y_BT1H = self.norm_hidden(self.hidden_embd(hidden_BTH)).unsqueeze(-2)
         x_BTNH = self.norm_noise(self.noise_embd(noise_BTNZ))
+        if self.hidden_in_stream:
+            x_BTNH = x_BTNH + y_BT1H
         for block in self.mlp_blocks:
             x_BTNH = block(x_BTNH, y_BT1H)
         return self.final_layer(x_BTNH)

@@ -23,6 +23,9 @@ the backbone (KV cache); without it every step re-runs the whole sequence.  Both
 same random draws, so for a seed they produce the same tokens.  Randomness: a one-row
 SampleRNG seeded with `seed` drives the head noise, a torch.Generator seeded with `seed` the
 samplers' choices.  Both functions return the new tokens only.
+
+`rollout_calm` continues sampled chunks for evaluation (Brier-n for n > K): many rollouts at once,
+each a plain draw from the head (T = 1), from the KV cache of its own prefix.
 """
 from __future__ import annotations
 
@@ -97,6 +100,33 @@ def generate_calm(model, autoencoder: Autoencoder, prompt_ids: list[int], max_ne
         step_BL = chunk_K[None]
         tokens_BL = torch.cat([tokens_BL, step_BL], dim=1)
     return new[:max_new_tokens]
+
+
+@torch.no_grad()
+def rollout_calm(model, autoencoder: Autoencoder, cache: KVCache, first_BPSK: torch.Tensor, prefix_chunks: list[int],
+                 rng: SampleRNG, num_tokens: int) -> torch.Tensor:
+    """[B, P, S, num_tokens]: each of the S sampled chunks at position p continued with the model's own samples.
+
+    `cache` holds the keys/values of the whole sequences (model.hidden(tokens, cache)); position p's rollouts
+    start from its prefix (the first prefix_chunks[p] chunks), each step feeds every rollout its own last
+    chunk, draws one head sample per rollout (noise [B, S] from row b's generator) and decodes it.  Under
+    sequence parallelism a step's input is the chunk repeated to a multiple of the TP size and the cache is
+    cut back after it: causal attention keeps the repeats out of the first position, the one that is used.
+    """
+    B, P, S, K = first_BPSK.shape
+    rows_R = torch.arange(B, device=first_BPSK.device).repeat_interleave(S)
+    multiple, head = model.sequence_multiple, model.generative_head
+    out = []
+    for p, length in enumerate(prefix_chunks):
+        step_cache = cache.select(length, rows_R)
+        chunks = [first_BPSK[:, p].reshape(B * S, K)]
+        while len(chunks) * K < num_tokens:
+            hidden_R1H = model.hidden(chunks[-1].repeat(1, multiple), step_cache)[:, :1]
+            step_cache.truncate(step_cache.length - multiple + 1)
+            noise_R11Z = (rng.uniform(S, head.noise_size, dtype=hidden_R1H.dtype) - 0.5).view(B * S, 1, 1, -1)
+            chunks.append(autoencoder.decode(head(hidden_R1H, noise_R11Z)[:, 0])[:, 0])
+        out.append(torch.cat(chunks, -1)[:, :num_tokens].view(B, S, num_tokens))
+    return torch.stack(out, 1)
 
 
 @torch.no_grad()

@@ -3,8 +3,10 @@
 Both language models are scored on the same positions: every chunk boundary i = K, 2K, ... where
 the next four tokens exist.  Brier-n looks at the n-gram y[i : i+n] that follows.
 - CALM: S >= 2 latents sampled by the energy head (`samples`, default 2), decoded by the frozen
-  autoencoder (argmax), give S n-gram samples; the U-statistic 2 mean_i 1{x_i=y} - mean_{i<j}
-  1{x_i=x_j} (models/brier.py), which for S = 2 is the two-sample estimate 1{x1=y} + 1{x2=y} - 1{x1=x2}.
+  autoencoder (argmax), give S n-gram samples (for n > K each sample is continued autoregressively
+  with the model's own samples, from the KV cache of its prefix); the U-statistic 2 mean_i 1{x_i=y}
+  - mean_{i<j} 1{x_i=x_j} (models/brier.py), which for S = 2 is the two-sample estimate
+  1{x1=y} + 1{x2=y} - 1{x1=x2}.
 - AR: the Rao-Blackwellised form (models/brier.py): two (n-1)-token prefixes sampled from the model
   (ancestral sampling), and the model's exact next-token distribution after each prefix.
 Every Brier-n and BrierLM comes with a standard error over positions (BrierLM's by the delta
@@ -38,9 +40,31 @@ def next_ngrams(tokens_BL: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calm_brier_estimates(chunks_BPSK: torch.Tensor, y_BP4: torch.Tensor) -> torch.Tensor:
-    """Per-position U-statistic Brier-n estimates [B, P, 4] from S decoded chunks per position."""
-    return torch.stack([brier_u_statistic(_ngram(chunks_BPSK, n), y_BP4[..., :n]) for n in range(1, MAX_N + 1)], -1)
+def calm_brier_estimates(ngrams_BPS4: torch.Tensor, y_BP4: torch.Tensor) -> torch.Tensor:
+    """Per-position U-statistic Brier-n estimates [B, P, 4] from S sampled 4-grams per position."""
+    return torch.stack([brier_u_statistic(ngrams_BPS4[..., :n], y_BP4[..., :n]) for n in range(1, MAX_N + 1)], -1)
+
+
+@torch.no_grad()
+def calm_brier_samples(model, autoencoder, tokens_BL: torch.Tensor, rng: SampleRNG,
+                       samples: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [B, T, H], the S decoded head samples [B, P, S, K] at each boundary, their 4-grams [B, P, S, 4]).
+
+    For K < 4 each sample is rolled out (models/generate.py: rollout_calm, KV-cached, the model's own
+    sampled chunks fed back) until it has 4 tokens; for K >= 4 the 4-gram is the chunk's first 4 tokens.
+    """
+    from calm_train.models.attention import KVCache
+    from calm_train.models.generate import rollout_calm
+    from calm_train.train.calm_diagnostics import decode_samples
+    k = autoencoder.patch_size
+    cache = KVCache() if k < MAX_N else None
+    hidden_BTH = model.hidden(tokens_BL, cache)
+    latents_BTSD = model.generative_head.sample(hidden_BTH, samples, rng)   # entry t predicts chunk t+1
+    chunk = boundaries(tokens_BL.shape[1], k) // k                         # index of the chunk that starts at i
+    decoded_BPSK = decode_samples(autoencoder, latents_BTSD[:, chunk - 1])   # predicted from chunk - 1
+    if cache is None:
+        return hidden_BTH, decoded_BPSK, decoded_BPSK[..., :MAX_N]
+    return hidden_BTH, decoded_BPSK, rollout_calm(model, autoencoder, cache, decoded_BPSK, chunk.tolist(), rng, MAX_N)
 
 
 @torch.no_grad()
@@ -50,22 +74,11 @@ def calm_sums(model, autoencoder, tokens_BL: torch.Tensor, rng: SampleRNG, sampl
 
     The Brier draws come first, so `samples` = 2 gives the two-sample estimates of earlier versions.
     """
-    from calm_train.train.calm_diagnostics import decode_samples, diagnostic_sums
-    k = autoencoder.patch_size
-    hidden_BTH = model.hidden(tokens_BL)
-    latents_BTSD = model.generative_head.sample(hidden_BTH, samples, rng)   # entry t predicts chunk t+1
-    chunk = boundaries(tokens_BL.shape[1], k) // k                         # index of the chunk that starts at i
-    decoded_BPSK = decode_samples(autoencoder, latents_BTSD[:, chunk - 1])   # predicted from chunk - 1
-    sums = moment_sums("brier", calm_brier_estimates(decoded_BPSK, next_ngrams(tokens_BL, k)))
+    from calm_train.train.calm_diagnostics import diagnostic_sums
+    hidden_BTH, decoded_BPSK, ngrams_BPS4 = calm_brier_samples(model, autoencoder, tokens_BL, rng, samples)
+    sums = moment_sums("brier", calm_brier_estimates(ngrams_BPS4, next_ngrams(tokens_BL, autoencoder.patch_size)))
     sums.update(diagnostic_sums(model, autoencoder, hidden_BTH, tokens_BL, decoded_BPSK, rng, pool))
     return sums
-
-
-def _ngram(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The first n tokens of sampled chunks; for n > K the chunk is padded with -1, which no token equals."""
-    if n <= x.shape[-1]:
-        return x[..., :n]
-    return torch.cat([x, torch.full((*x.shape[:-1], n - x.shape[-1]), -1, dtype=x.dtype, device=x.device)], -1)
 
 
 @torch.no_grad()
@@ -132,24 +145,51 @@ def finish(totals: dict[str, torch.Tensor], kind: str, samples: int = 2) -> dict
     if "brier_count" in totals:
         row.update(brier_fields(totals, samples if kind == "calm" else 2))
         row["brier_estimator"] = "u-statistic" if kind == "calm" else "rao-blackwell"
+    row.update(optimum_fields(totals))
     row.update(finish_diagnostics(totals))
     if "loss_count" in totals:
         row["loss"] = float(totals["loss"] / totals["loss_count"])
     return row
 
 
-def brier_fields(totals: dict, samples: int) -> dict:
-    """brier1..4 and brierlm (as before), their standard errors, the estimator, and the n near 0."""
-    mean, covariance = mean_and_covariance(totals, "brier")
+def _brier_means(totals: dict, name: str) -> tuple[dict, list[float], list[float]]:
+    """brier1..4, brierlm and their standard errors from the moment sums `name`; the means; their errors."""
+    mean, covariance = mean_and_covariance(totals, name)
     brier, se = mean.tolist(), covariance.diagonal().clamp_min(0).sqrt().tolist()
     row = {f"brier{n}": brier[n - 1] for n in range(1, MAX_N + 1)}
     row["brierlm"] = brierlm(brier)
     row.update({f"brier{n}_se": se[n - 1] for n in range(1, MAX_N + 1)})
     row["brierlm_se"] = brierlm_standard_error(brier, covariance.tolist())
+    return row, brier, se
+
+
+def brier_fields(totals: dict, samples: int) -> dict:
+    """brier1..4 and brierlm (as before), their standard errors, the estimator, and the n near 0."""
+    row, brier, se = _brier_means(totals, "brier")
     row["brier_positions"] = round(float(totals["brier_count"]))
     row["brier_samples"] = samples
     row["brier_near_zero"] = near_zero(brier, se)
     return row
+
+
+def optimum_fields(totals: dict) -> dict:
+    """optimum_brier1..4, optimum_brierlm and their standard errors: the exact optimum of a synthetic language's
+    held-out text on the positions scored (data_prep/synthetic/optimum.py); none for other data."""
+    if "optimum_count" not in totals:
+        return {}
+    return {f"optimum_{key}": value for key, value in _brier_means(totals, "optimum")[0].items()}
+
+
+def optimum_source(data, split: str):
+    """The SplitOptimum of `split` when `data` is one local prepared directory drawn from a synthetic language
+    (its dataset.json names the language), else None (a mixture, a remote or an ordinary dataset)."""
+    import pathlib
+    from calm_train.data.mixing import as_sources
+    from data_prep.synthetic.optimum import split_optimum
+    sources = as_sources(data)
+    if len(sources) != 1 or not (pathlib.Path(sources[0].path) / "dataset.json").is_file():
+        return None
+    return split_optimum(sources[0].path, split)
 
 
 def accumulate(totals: dict, sums: dict) -> None:
@@ -207,6 +247,7 @@ def evaluate_run(run, step: int) -> dict[str, float]:
     model.eval()
     batches = max(1, cfg.train.eval_batches // run.dp)          # train.eval_batches counts over all DP ranks
     pool = reference_pool(cfg) if cfg.model.kind == "calm" and pp == 1 else None
+    optimum = optimum_source(data_dir, split) if cfg.model.kind != "autoencoder" else None
     for _, batch in zip(range(batches), loader.one_pass()):
         groups, weights = plan_micro_batches(batch["own"], micro)
         # every rank runs as many micro-batches (ZeRO-3 gathers weights in each forward), a multiple of pp
@@ -214,6 +255,8 @@ def evaluate_run(run, step: int) -> dict[str, float]:
         padding = -(-_max_over_ranks(len(groups)) // pp) * pp - len(groups)
         groups, weights = groups + [torch.zeros(micro, dtype=torch.long)] * padding, weights + [0] * padding
         totals["samples"] += float(batch["own"].sum())
+        if optimum is not None:                     # every rank, like "samples": divided by tp x pp below
+            accumulate(totals, optimum.sums(batch["sample_ids"][batch["own"]]))
         for first in range(0, len(groups), pp):
             rows = torch.cat(groups[first:first + pp])
             tokens, ids = batch["tokens"][rows].to(world.device), batch["sample_ids"][rows]

@@ -54,13 +54,15 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
                         samples: int | None = None, train_data: str | None = None) -> dict:
     """Score every sample of the validation split exactly once (or the first max_tokens // seq_len of them).
 
-    See train/evaluate.py; CALM adds train/calm_diagnostics.py.  samples: CALM head samples per position
+    See train/evaluate.py; CALM adds train/calm_diagnostics.py, data drawn from a synthetic language the exact
+    optimum on the same positions (optimum_brier1..4, optimum_brierlm).  samples: CALM head samples per position
     for the Brier estimates (default 2); train_data: the prepared directory whose training split is CALM's
     chunk reference (default: the run's data.train).
     """
     from calm_train.data.loader import TokenLoader
     from calm_train.parallel import runtime
-    from calm_train.train.evaluate import accumulate, batch_metric_sums, finish, reference_pool, validation_source
+    from calm_train.train.evaluate import (accumulate, batch_metric_sums, finish, optimum_source, reference_pool,
+                                          validation_source)
     from calm_train.train.identity import check_eval_data
     with runtime.single_process(seed) as world:
         loaded = load_for_inference(spec, world.device)
@@ -98,12 +100,15 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         if limit < 1:
             raise UserError(f"--max-tokens {max_tokens} is less than one sample of {seq_len} tokens. "
                             f"Fix: give --max-tokens {seq_len} or more")
+        optimum = optimum_source(*source) if kind != "autoencoder" else None
         totals: dict = {}
         scored = 0
         for batch in loader.one_pass():
             tokens, ids = batch["tokens"][:limit - scored].to(world.device), batch["sample_ids"][:limit - scored]
             accumulate(totals, batch_metric_sums(kind, loaded.model, loaded.autoencoder, tokens, ids,
                                                  seed, cfg.model.patch_size, samples, pool))
+            if optimum is not None:
+                accumulate(totals, optimum.sums(ids))
             scored += len(ids)
             if scored == limit:
                 break

@@ -296,3 +296,15 @@ def test_failed_conversion_leaves_no_destination(release, bpe_tokenizer_file, tm
     with pytest.raises(ConvertError, match=r"ae holds no tokenizer.json or tokenizer.model"):
         run_convert(src, tmp_path / "out", to="native")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ae"]
+
+
+def test_a_head_with_the_hidden_embedding_in_its_stream_is_not_exported_to_the_reference_layout():
+    """The reference head starts its stream with the noise embedding alone: the same weights would run as
+    another model there, so the export is refused (the weights carry no trace of the option)."""
+    from calm_train.convert.reference import calm_fields
+    model = tiny_model_config("calm", 64)
+    model.head.hidden_in_stream = True
+    with pytest.raises(ConvertError, match="hidden_in_stream"):
+        calm_fields(model, model.vocab_size)
+    model.head.hidden_in_stream = False
+    assert calm_fields(model, model.vocab_size)["noise_size"] == model.head.noise_size

@@ -6,7 +6,7 @@ import pytest
 
 from calm_train.data.dataset_info import DataError
 from data_prep import sources
-from data_prep.corpus import default_corpus, write_corpus_jsonl
+from data_prep.embedded import default_corpus, write_corpus_jsonl
 
 
 def test_formats_and_streaming_path_agree(tmp_path, monkeypatch):

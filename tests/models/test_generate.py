@@ -1,5 +1,8 @@
 """Generation: the KV-cached path yields exactly the tokens of the uncached path, for CALM and AR,
-greedy and sampled; greedy is deterministic and matches the model's own argmax / mode."""
+greedy and sampled; greedy is deterministic and matches the model's own argmax / mode; evaluation's rollouts
+from the cache equal re-running every prefix."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -92,3 +95,37 @@ def test_exact_sampling_that_accepts_nothing_falls_back_to_the_pool_of_its_draws
     assert len(calls) == MAX_DRAW_BATCHES                               # the whole budget was drawn ...
     assert chunk.shape == (4,) and int(chunk[0]) % 4 == 0 and int(chunk[0]) < 4 * 8 * MAX_DRAW_BATCHES
     assert torch.equal(chunk, torch.arange(int(chunk[0]), int(chunk[0]) + 4))   # ... and one of its draws chosen
+
+
+@pytest.mark.parametrize("multiple", [1, 2])
+def test_calm_rollout_from_the_cache_equals_rerunning_each_prefix(multiple, monkeypatch):
+    """rollout_calm (K=1: three steps per sample) against the whole prefix + sampled chunks re-run uncached with
+    the same noise; a step padded to a multiple of 2 chunks (as under sequence parallelism) changes nothing."""
+    from calm_train.models.attention import KVCache
+    from calm_train.models.generate import rollout_calm
+    cfg = dataclasses.replace(CALM_CFG, patch_size=1)
+    torch.manual_seed(1)
+    model = CALM(cfg).eval()
+    last = model.generative_head.final_layer.linears[2]
+    torch.nn.init.normal_(last.weight, std=0.5)
+    torch.nn.init.normal_(last.bias, std=2.0)
+    ae = freeze(Autoencoder(cfg.ae, 96, 1, init_std=0.2))
+    monkeypatch.setattr(CALM, "sequence_multiple", multiple)
+    tokens = torch.randint(96, (2, 8), generator=torch.Generator().manual_seed(0))
+    first = torch.randint(96, (2, 3, 2, 1), generator=torch.Generator().manual_seed(1))     # [B, P, S, K]
+    prefix = [2, 4, 5]
+    with torch.no_grad():
+        cache = KVCache()
+        model.hidden(tokens, cache)
+        got = rollout_calm(model, ae, cache, first, prefix, SampleRNG(torch.tensor([7, 8])), 4)
+        rng = SampleRNG(torch.tensor([7, 8]))
+        for p, length in enumerate(prefix):
+            rows = [torch.cat([tokens[b, :length], first[b, p, s]]) for b in range(2) for s in range(2)]
+            for _ in range(3):
+                hidden = model.hidden(torch.stack(rows))[:, -1:]
+                noise = (rng.uniform(2, 8) - 0.5).view(4, 1, 1, 8)
+                nxt = ae.decode(model.generative_head(hidden, noise)[:, 0])[:, 0]
+                rows = [torch.cat([r, c]) for r, c in zip(rows, nxt)]
+            want = torch.stack([r[length:] for r in rows]).view(2, 2, 4)
+            assert torch.equal(got[:, p], want)
+    assert len(set(got.flatten().tolist())) > 4
