@@ -31,6 +31,10 @@ class RunDirBusy(UserError):
     """Another live launch holds the run directory."""
 
 
+class LockLost(UserError):
+    """The lock this launch held was deleted or taken over: it must not write into the run directory again."""
+
+
 def describe_holder(holder: dict) -> str:
     job = holder.get("job_id")
     return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
@@ -43,6 +47,8 @@ class RunLock:
         self.timeout_s, self.log = timeout_s, log
         self.token = uuid.uuid4().hex
         self.held = False
+        self.lost: str | None = None             # why the lock is no longer ours (the heartbeat found out)
+        self._ino: int | None = None             # the inode of the lock file we created
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -97,7 +103,8 @@ class RunLock:
                 raise UserError(f"cannot create the lock {self.path}: {err.strerror or err}. Fix: make run_dir "
                                 "writable, or choose another run_dir") from err
             if created:
-                self.held = True
+                self.held, self.lost = True, None
+                self._ino = os.stat(self.path).st_ino
                 self._start_heartbeat()
                 return
             found = self._read()
@@ -109,8 +116,8 @@ class RunLock:
                 raise RunDirBusy(
                     f"{self.path.parent} is in use by another calm-train launch ({describe_holder(holder)}; "
                     f"heartbeat {time.time() - st.st_mtime:.0f}s ago, {self.path}). Fix: wait for it to finish or "
-                    f"stop it, or use another run_dir; if that launch is dead on another node, delete {self.path} "
-                    f"(or wait train.lock_timeout={self.timeout_s:g}s)")
+                    f"stop it, or use another run_dir; delete {self.path} only after making sure that launch is gone "
+                    f"(a holder whose lock is deleted stops at its next step)")
             self._take_over(holder, st, reason)
         raise RunDirBusy(f"{self.path}: could not take the lock (other launches keep taking it). Fix: launch one "
                          "run per run_dir")
@@ -138,6 +145,9 @@ class RunLock:
         def beat() -> None:
             while not self._stop.wait(interval):
                 try:
+                    self.lost = self._lost_reason()
+                    if self.lost is not None:
+                        return
                     os.utime(self.path)
                 except OSError:
                     pass                         # a transient file-system error: the next beat retries
@@ -146,13 +156,38 @@ class RunLock:
         self._thread = threading.Thread(target=beat, name="calm-train-lock-heartbeat", daemon=True)
         self._thread.start()
 
+    def _lost_reason(self) -> str | None:
+        """Why the lock file is no longer the one we created (None: it still is)."""
+        found = self._read()
+        if found is None:
+            return "it was deleted"
+        holder, st = found
+        if holder.get("token") != self.token or st.st_ino != self._ino:
+            return f"it now belongs to {describe_holder(holder)}"
+        return None
+
+    def check(self) -> None:
+        """Raise LockLost when the lock we hold is no longer ours; called before every write into the run
+        directory (a metrics row, an evaluation, a checkpoint).  Costs one stat: the heartbeat reads the record."""
+        if not self.held:
+            return
+        if self.lost is None:
+            try:
+                if os.stat(self.path).st_ino != self._ino:
+                    self.lost = self._lost_reason()
+            except FileNotFoundError:
+                self.lost = "it was deleted"
+        if self.lost is not None:
+            raise LockLost(f"this launch lost its lock {self.path} ({self.lost}) and stops before writing into "
+                           f"{self.path.parent} again. Fix: make sure only one launch uses this run_dir, then "
+                           "relaunch the same command to resume from the newest checkpoint")
+
     def release(self) -> None:
         if not self.held:
             return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        found = self._read()
-        if found is not None and found[0].get("token") == self.token:
+        if self._lost_reason() is None:
             self.path.unlink(missing_ok=True)
         self.held = False

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from runs import Job, calm_train, metrics, wait_gone  # noqa: E402
 
-from calm_train.train.lock import RunDirBusy, RunLock  # noqa: E402
+from calm_train.train.lock import LockLost, RunDirBusy, RunLock  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -59,7 +59,8 @@ def test_second_launch_on_a_busy_run_dir_exits_at_once_naming_the_holder(tiny_da
     assert second.returncode == 1
     line = next(x for x in second.stderr.splitlines() if "error:" in x)
     assert f"{run} is in use by another calm-train launch (host {socket.gethostname()}, pid {first.proc.pid}" in line
-    assert "Fix:" in line and f"{run}/.lock" in line, line
+    assert f"Fix: wait for it to finish or stop it, or use another run_dir; delete {run}/.lock only after making " \
+           "sure that launch is gone" in line, line
     assert first.wait() == 0, first.output()[-3000:]
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]           # one row per step: nobody else wrote
     assert metrics(run)[:len(rows)] == rows
@@ -124,3 +125,56 @@ def test_the_heartbeat_refreshes_the_lock(tmp_path):
     time.sleep(0.5)
     assert time.time() - (tmp_path / ".lock").stat().st_mtime < 0.4
     lock.release()
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_holder_whose_lock_was_deleted_or_taken_stops_before_its_next_write(tmp_path):
+    lock = RunLock(tmp_path, timeout_s=0.5)
+    lock.acquire()
+    lock.check()                                          # ours: nothing to say
+    (tmp_path / ".lock").unlink()                         # what the old refusal told users to do
+    with pytest.raises(LockLost, match=f"this launch lost its lock {tmp_path}/.lock \\(it was deleted\\) and stops"):
+        lock.check()
+    lock.release()
+    lock = RunLock(tmp_path, timeout_s=0.5)
+    lock.acquire()
+    (tmp_path / ".lock").unlink()
+    other = RunLock(tmp_path, timeout_s=600)              # a second launch takes the run directory
+    other.acquire()
+    wait_until(lambda: lock.lost is not None)             # the heartbeat found out by itself
+    assert lock.lost == f"it now belongs to host {socket.gethostname()}, pid {os.getpid()}, started " \
+        f"{json.loads((tmp_path / '.lock').read_text())['started']}"
+    with pytest.raises(LockLost, match="Fix: make sure only one launch uses this run_dir, then relaunch"):
+        lock.check()
+    lock.release()                                        # leaves the new holder's lock alone
+    assert json.loads((tmp_path / ".lock").read_text())["token"] == other.token
+    other.release()
+
+
+def test_a_training_run_that_lost_its_lock_exits_without_writing_again(tiny_data, tmp_path):
+    """kill -STOP the run, delete its lock and take the run directory, kill -CONT: it stops with one line."""
+    run = tmp_path / "ar"
+    args = ["train", "tiny_ar", f"run_dir={run}", f"data.train={tiny_data}", "train.steps=100000",
+            "train.save_every=0", "train.eval_every=0", "train.lock_timeout=2", "logging.progress=false"]
+    job = Job(1, args, tmp_path / "run.log")
+    job.wait_for_step(run, 2)
+    os.kill(job.proc.pid, signal.SIGSTOP)
+    rows = metrics(run)
+    (run / ".lock").unlink()
+    other = RunLock(run, timeout_s=600)
+    other.acquire()
+    os.kill(job.proc.pid, signal.SIGCONT)
+    assert job.wait() == 1, job.output()[-3000:]
+    line = job.output().strip().splitlines()[-1]
+    assert line.startswith(f"calm-train train: error: this launch lost its lock {run}/.lock (it now belongs to host "
+                           f"{socket.gethostname()}, pid {os.getpid()}"), job.output()[-3000:]
+    assert len(metrics(run)) <= len(rows) + 1             # at most the row that was being written at the stop
+    assert not list(run.glob("checkpoints/*"))
+    assert json.loads((run / ".lock").read_text())["token"] == other.token
+    other.release()
