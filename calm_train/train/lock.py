@@ -35,6 +35,25 @@ class LockLost(UserError):
     """The lock this launch held was deleted or taken over: it must not write into the run directory again."""
 
 
+def boot_id() -> str | None:
+    """This boot of this host (Linux); a pid recorded in another boot names no process of this one."""
+    try:
+        return pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of process `pid` from /proc/PID/stat (fields 3 and 22);
+    None when it does not exist."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()      # after "pid (comm)", which may hold spaces and parentheses
+    return fields[0], int(fields[19])
+
+
 def describe_holder(holder: dict) -> str:
     job = holder.get("job_id")
     return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
@@ -53,9 +72,10 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> dict:
+        me = process_state(os.getpid())
         return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID"),
                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "token": self.token}
+                "token": self.token, "boot_id": boot_id(), "pid_start": me[1] if me else None}
 
     def _create(self) -> bool:
         try:
@@ -71,14 +91,34 @@ class RunLock:
     def stale_reason(self, holder: dict, mtime: float) -> str | None:
         """Why the lock of `holder` (its file's mtime `mtime`) may be taken over; None: it is live."""
         age = time.time() - mtime
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-                and not pid_alive(holder["pid"]):
-            return f"its process {holder['pid']} on this host is gone"
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            dead = self.dead_on_this_host(holder)
+            if dead:
+                return dead
         job = os.environ.get("SLURM_JOB_ID")
         if job and holder.get("job_id") == job:
             return f"it holds our own Slurm job id {job} (a requeued job)"
         if age > self.timeout_s:
             return f"its heartbeat stopped {age:.0f}s ago (train.lock_timeout={self.timeout_s:g})"
+        return None
+
+    @staticmethod
+    def dead_on_this_host(holder: dict) -> str | None:
+        """Why the holder, a process of this host, is dead: gone, a zombie, its pid reused by a process that started
+        at another time, or a pid of an earlier boot; None: it is alive."""
+        pid, ours = holder["pid"], boot_id()
+        if holder.get("boot_id") and ours and holder["boot_id"] != ours:
+            return f"this host was rebooted since its process {pid} took it (boot id {holder['boot_id']})"
+        if not os.path.isdir("/proc/self"):     # no /proc: existence is all we can know
+            return None if pid_alive(pid) else f"its process {pid} on this host is gone"
+        state = process_state(pid)
+        if state is None:
+            return f"its process {pid} on this host is gone"
+        if state[0] in ("Z", "X"):
+            return f"its process {pid} on this host is dead (a zombie not yet reaped by its parent)"
+        if isinstance(holder.get("pid_start"), int) and state[1] != holder["pid_start"]:
+            return (f"pid {pid} now belongs to another process (started at tick {state[1]} after boot, the holder "
+                    f"at {holder['pid_start']})")
         return None
 
     def _read(self) -> tuple[dict, os.stat_result] | None:

@@ -178,3 +178,46 @@ def test_a_training_run_that_lost_its_lock_exits_without_writing_again(tiny_data
     assert not list(run.glob("checkpoints/*"))
     assert json.loads((run / ".lock").read_text())["token"] == other.token
     other.release()
+
+
+def proc_stat(pid: int) -> list[str]:
+    """Fields 3... of /proc/PID/stat: [0] the state, [19] the start time in ticks after boot (field 22)."""
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def take_over(run_dir: pathlib.Path, timeout_s: float = 600) -> str:
+    """Acquire the lock of run_dir (it must be taken over) and release it; the takeover's log line."""
+    logs = []
+    lock = RunLock(run_dir, timeout_s=timeout_s, log=logs.append)
+    lock.acquire()
+    lock.release()
+    assert len(logs) == 1 and logs[0].startswith(f"took over the stale lock {run_dir}/.lock of "), logs
+    return logs[0]
+
+
+def test_a_zombie_holder_is_dead(tmp_path):
+    """kill -9 of a holder whose parent has not reaped it yet: os.kill(pid, 0) still succeeds, the lock is stale."""
+    proc = holder(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    wait_until(lambda: proc_stat(proc.pid)[0] == "Z")          # we are its parent and do not wait() yet
+    assert take_over(tmp_path).endswith(f"its process {proc.pid} on this host is dead (a zombie not yet reaped by "
+                                        "its parent)")
+    proc.wait(timeout=60)
+
+
+def test_a_reused_pid_or_an_earlier_boot_does_not_keep_a_lock(tmp_path):
+    """The holder died and its pid now names another live process (here: the lock rewritten to name one)."""
+    proc = holder(tmp_path)
+    stop(proc)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        record = json.loads((tmp_path / ".lock").read_text())
+        (tmp_path / ".lock").write_text(json.dumps({**record, "pid": other.pid}))
+        assert take_over(tmp_path).endswith(f"pid {other.pid} now belongs to another process (started at tick "
+                                            f"{proc_stat(other.pid)[19]} "
+                                            f"after boot, the holder at {record['pid_start']})")
+    finally:
+        stop(other)
+    (tmp_path / ".lock").write_text(json.dumps({**record, "pid": os.getpid(), "boot_id": "an-earlier-boot"}))
+    assert take_over(tmp_path).endswith(f"this host was rebooted since its process {os.getpid()} took it "
+                                        "(boot id an-earlier-boot)")
