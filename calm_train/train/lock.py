@@ -91,13 +91,16 @@ class RunLock:
     def stale_reason(self, holder: dict, mtime: float) -> str | None:
         """Why the lock of `holder` (its file's mtime `mtime`) may be taken over; None: it is live."""
         age = time.time() - mtime
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        here = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+        if here:
             dead = self.dead_on_this_host(holder)
             if dead:
                 return dead
         job = os.environ.get("SLURM_JOB_ID")
         if job and holder.get("job_id") == job:
             return f"it holds our own Slurm job id {job} (a requeued job)"
+        if here:
+            return None                          # alive here (perhaps suspended): never stale by its heartbeat
         if age > self.timeout_s:
             return f"its heartbeat stopped {age:.0f}s ago (train.lock_timeout={self.timeout_s:g})"
         return None

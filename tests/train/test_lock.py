@@ -25,15 +25,15 @@ pytestmark = pytest.mark.timeout(600)
 HOLD = """
 import sys, time
 from calm_train.train.lock import RunLock
-RunLock(sys.argv[1], timeout_s=600).acquire()
+RunLock(sys.argv[1], timeout_s=float(sys.argv[2])).acquire()
 print("held", flush=True)
 time.sleep(600)
 """
 
 
-def holder(run_dir: pathlib.Path, **env: str) -> subprocess.Popen:
+def holder(run_dir: pathlib.Path, timeout_s: float = 600, **env: str) -> subprocess.Popen:
     """A real process that takes the lock of run_dir and keeps it."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), str(timeout_s)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, **env})
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -221,3 +221,17 @@ def test_a_reused_pid_or_an_earlier_boot_does_not_keep_a_lock(tmp_path):
     (tmp_path / ".lock").write_text(json.dumps({**record, "pid": os.getpid(), "boot_id": "an-earlier-boot"}))
     assert take_over(tmp_path).endswith(f"this host was rebooted since its process {os.getpid()} took it "
                                         "(boot id an-earlier-boot)")
+
+
+def test_a_suspended_holder_on_this_host_is_not_taken_over(tmp_path):
+    """kill -STOP longer than lock_timeout (a Slurm suspend): its heartbeat stops, its process lives."""
+    proc = holder(tmp_path, timeout_s=0.5)
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(1.5)
+        with pytest.raises(RunDirBusy, match=f"pid {proc.pid}"):
+            RunLock(tmp_path, timeout_s=0.5).acquire()
+        os.kill(proc.pid, signal.SIGCONT)
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == proc.pid
+    finally:
+        stop(proc)
