@@ -25,6 +25,11 @@ from calm_train.errors import UserError
 from calm_train.files import pid_alive
 
 LOCK_NAME = ".lock"
+UNREADABLE_S = 5.0      # an empty or unreadable lock this old (or unchanged this long) is stale
+
+
+def _version(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class RunDirBusy(UserError):
@@ -78,14 +83,21 @@ class RunLock:
                 "token": self.token, "boot_id": boot_id(), "pid_start": me[1] if me else None}
 
     def _create(self) -> bool:
+        """Write the record to a file of its own, then link it into place: the lock is complete or absent (a
+        full disk fails the write, not the lock), and of several launches exactly one link succeeds."""
+        staged = self.path.with_name(f"{LOCK_NAME}.new-{self.token}")
+        fd = os.open(staged, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            data = memoryview((json.dumps(self._record()) + "\n").encode())
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+            os.link(staged, self.path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self._record()) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        finally:
+            os.close(fd)
+            staged.unlink(missing_ok=True)
         return True
 
     def stale_reason(self, holder: dict, mtime: float) -> str | None:
@@ -133,8 +145,21 @@ class RunLock:
         try:
             holder = json.loads(text)
         except json.JSONDecodeError:
-            holder = {}                          # being written: only its heartbeat can make it stale
+            holder = {}                          # unreadable: see _unreadable_reason
         return (holder if isinstance(holder, dict) else {}), st
+
+    def _unreadable_reason(self, st: os.stat_result) -> str | None:
+        """An empty or unreadable lock (a crash or a full disk of an older writer; ours are linked whole) is stale
+        once its file is UNREADABLE_S old, or stays so and unchanged that long; None: look at it again."""
+        age = time.time() - st.st_mtime
+        deadline = time.monotonic() + (0 if age > UNREADABLE_S else UNREADABLE_S)
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = self._read()
+            if found is None or found[0] or _version(found[1]) != _version(st):
+                return None
+        when = f"was written {age:.0f}s ago" if age > UNREADABLE_S else f"stayed so for {UNREADABLE_S:g}s"
+        return f"it is empty or unreadable ({st.st_size} bytes) and {when}"
 
     def acquire(self) -> None:
         """Take the lock, recovering a stale one; RunDirBusy when a live launch holds it."""
@@ -143,8 +168,8 @@ class RunLock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 created = self._create()
             except OSError as err:
-                raise UserError(f"cannot create the lock {self.path}: {err.strerror or err}. Fix: make run_dir "
-                                "writable, or choose another run_dir") from err
+                raise UserError(f"cannot create the lock {self.path}: {err.strerror or err}. Fix: free space on "
+                                "run_dir's file system or make it writable, or choose another run_dir") from err
             if created:
                 self.held, self.lost = True, None
                 self._ino = os.stat(self.path).st_ino
@@ -154,7 +179,12 @@ class RunLock:
             if found is None:
                 continue                         # released meanwhile: try again
             holder, st = found
-            reason = self.stale_reason(holder, st.st_mtime)
+            if not holder:
+                reason = self._unreadable_reason(st)
+                if reason is None:
+                    continue                     # it changed: look again
+            else:
+                reason = self.stale_reason(holder, st.st_mtime)
             if reason is None:
                 raise RunDirBusy(
                     f"{self.path.parent} is in use by another calm-train launch ({describe_holder(holder)}; "

@@ -4,6 +4,7 @@ Two real launches on one run_dir: the second exits 1 at once naming the holder's
 finishes with exactly one metrics row per step.  A lock whose holder was killed with kill -9, one that holds
 our own SLURM_JOB_ID (a requeued job) and one whose heartbeat stopped are taken over; live ones are not.
 """
+import errno
 import json
 import os
 import pathlib
@@ -18,6 +19,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from runs import Job, calm_train, metrics, wait_gone  # noqa: E402
 
+from calm_train.errors import UserError  # noqa: E402
 from calm_train.train.lock import LockLost, RunDirBusy, RunLock  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
@@ -235,3 +237,27 @@ def test_a_suspended_holder_on_this_host_is_not_taken_over(tmp_path):
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == proc.pid
     finally:
         stop(proc)
+
+
+def test_a_lock_written_on_a_full_disk_is_absent_and_an_empty_one_is_stale(tmp_path, monkeypatch):
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", full_disk)
+        with pytest.raises(UserError, match=f"cannot create the lock {tmp_path}/.lock: No space left on device. "
+                                            "Fix: free space"):
+            RunLock(tmp_path, timeout_s=600).acquire()
+    assert list(tmp_path.iterdir()) == []                  # complete or absent: nothing is left behind
+    lock = RunLock(tmp_path, timeout_s=600)                # the disk has room again
+    lock.acquire()
+    lock.release()
+    (tmp_path / ".lock").write_text("")                    # what an older writer left on a full disk
+    past = time.time() - 10
+    os.utime(tmp_path / ".lock", (past, past))
+    assert take_over(tmp_path).endswith("it is empty or unreadable (0 bytes) and was written 10s ago")
+    monkeypatch.setattr("calm_train.train.lock.UNREADABLE_S", 1.0)
+    (tmp_path / ".lock").write_text('{"host": "another-n')  # a fresh one: stale once it stayed so for a while
+    started = time.monotonic()
+    assert take_over(tmp_path).endswith("it is empty or unreadable (19 bytes) and stayed so for 1s")
+    assert time.monotonic() - started >= 1
