@@ -32,6 +32,14 @@ def _version(st: os.stat_result) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _write_record(fd: int, record: dict) -> None:
+    """The record at the start of file `fd`, on disk (a later record with a larger beat is never shorter)."""
+    data, offset = (json.dumps(record) + "\n").encode(), 0
+    while offset < len(data):
+        offset += os.pwrite(fd, data[offset:], offset)
+    os.fsync(fd)
+
+
 class RunDirBusy(UserError):
     """Another live launch holds the run directory."""
 
@@ -73,6 +81,9 @@ class RunLock:
         self.held = False
         self.lost: str | None = None             # why the lock is no longer ours (the heartbeat found out)
         self._ino: int | None = None             # the inode of the lock file we created
+        self._fd: int | None = None              # open on it: the heartbeat rewrites the record through it
+        self._held_record: dict = {}
+        self.beat_s = max(0.05, min(60.0, timeout_s / 10))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,42 +91,58 @@ class RunLock:
         me = process_state(os.getpid())
         return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID"),
                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "token": self.token, "boot_id": boot_id(), "pid_start": me[1] if me else None}
+                "token": self.token, "boot_id": boot_id(), "pid_start": me[1] if me else None,
+                "beat_s": self.beat_s, "beat": 0}
 
     def _create(self) -> bool:
         """Write the record to a file of its own, then link it into place: the lock is complete or absent (a
         full disk fails the write, not the lock), and of several launches exactly one link succeeds."""
         staged = self.path.with_name(f"{LOCK_NAME}.new-{self.token}")
-        fd = os.open(staged, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        record = self._record()
+        fd = os.open(staged, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
         try:
-            data = memoryview((json.dumps(self._record()) + "\n").encode())
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
+            _write_record(fd, record)
             os.link(staged, self.path)
-        except FileExistsError:
-            return False
-        finally:
+        except BaseException as err:
             os.close(fd)
+            if isinstance(err, FileExistsError):
+                return False
+            raise
+        finally:
             staged.unlink(missing_ok=True)
+        self._fd, self._held_record = fd, record
         return True
 
-    def stale_reason(self, holder: dict, mtime: float) -> str | None:
-        """Why the lock of `holder` (its file's mtime `mtime`) may be taken over; None: it is live."""
-        age = time.time() - mtime
+    def stale_reason(self, holder: dict, st: os.stat_result) -> tuple[str | None, str]:
+        """(why the lock of `holder`, its file `st`, may be taken over, None: it is live; what shows it is live)."""
         here = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
         if here:
             dead = self.dead_on_this_host(holder)
             if dead:
-                return dead
+                return dead, ""
         job = os.environ.get("SLURM_JOB_ID")
         if job and holder.get("job_id") == job:
-            return f"it holds our own Slurm job id {job} (a requeued job)"
-        if here:
-            return None                          # alive here (perhaps suspended): never stale by its heartbeat
-        if age > self.timeout_s:
-            return f"its heartbeat stopped {age:.0f}s ago (train.lock_timeout={self.timeout_s:g})"
-        return None
+            return f"it holds our own Slurm job id {job} (a requeued job)", ""
+        if here:                                 # alive here (perhaps suspended): never stale by its heartbeat
+            return None, "its process is alive on this host"
+        return self._watch_heartbeat(holder, st)
+
+    def _watch_heartbeat(self, holder: dict, st: os.stat_result) -> tuple[str | None, str]:
+        """A holder on another host: live while its heartbeat counter (or its file) changes, timed by our own
+        monotonic clock (the hosts' clocks and the file's mtime may disagree); stale when it stays unchanged
+        for train.lock_timeout, or three of the holder's own beats if that is longer."""
+        beat_s = holder.get("beat_s")
+        watch = max(self.timeout_s, 3 * beat_s if isinstance(beat_s, (int, float)) else 0.0)
+        self.log(f"{self.path} is held by {describe_holder(holder)} on another host: watching its heartbeat for up "
+                 f"to {watch:g}s (train.lock_timeout={self.timeout_s:g}) before taking it over")
+        started, seen = time.monotonic(), (holder.get("beat"), _version(st))
+        while time.monotonic() - started < watch:
+            time.sleep(min(1.0, watch / 20))
+            found = self._read()
+            if found is None or (found[0].get("beat"), _version(found[1])) != seen:
+                return None, f"its heartbeat advanced within {time.monotonic() - started:.1f}s"
+        return (f"its heartbeat (beat {holder.get('beat', '?')}) did not advance in {watch:g}s "
+                f"(train.lock_timeout={self.timeout_s:g})"), ""
 
     @staticmethod
     def dead_on_this_host(holder: dict) -> str | None:
@@ -184,11 +211,11 @@ class RunLock:
                 if reason is None:
                     continue                     # it changed: look again
             else:
-                reason = self.stale_reason(holder, st.st_mtime)
+                reason, live = self.stale_reason(holder, st)
             if reason is None:
                 raise RunDirBusy(
                     f"{self.path.parent} is in use by another calm-train launch ({describe_holder(holder)}; "
-                    f"heartbeat {time.time() - st.st_mtime:.0f}s ago, {self.path}). Fix: wait for it to finish or "
+                    f"{live}, {self.path}). Fix: wait for it to finish or "
                     f"stop it, or use another run_dir; delete {self.path} only after making sure that launch is gone "
                     f"(a holder whose lock is deleted stops at its next step)")
             self._take_over(holder, st, reason)
@@ -213,15 +240,14 @@ class RunLock:
         self.log(f"took over the stale lock {self.path} of {describe_holder(holder)}: {reason}")
 
     def _start_heartbeat(self) -> None:
-        interval = max(0.05, min(60.0, self.timeout_s / 10))
-
         def beat() -> None:
-            while not self._stop.wait(interval):
+            while not self._stop.wait(self.beat_s):
                 try:
                     self.lost = self._lost_reason()
                     if self.lost is not None:
                         return
-                    os.utime(self.path)
+                    self._held_record["beat"] += 1
+                    _write_record(self._fd, self._held_record)
                 except OSError:
                     pass                         # a transient file-system error: the next beat retries
 
@@ -263,4 +289,5 @@ class RunLock:
             self._thread.join(timeout=5)
         if self._lost_reason() is None:
             self.path.unlink(missing_ok=True)
-        self.held = False
+        os.close(self._fd)
+        self.held, self._fd = False, None

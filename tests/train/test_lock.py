@@ -25,17 +25,20 @@ from calm_train.train.lock import LockLost, RunDirBusy, RunLock  # noqa: E402
 pytestmark = pytest.mark.timeout(600)
 
 HOLD = """
-import sys, time
+import socket, sys, time
 from calm_train.train.lock import RunLock
+if len(sys.argv) > 3:
+    socket.gethostname = lambda: sys.argv[3]          # a holder on another host
 RunLock(sys.argv[1], timeout_s=float(sys.argv[2])).acquire()
 print("held", flush=True)
 time.sleep(600)
 """
 
 
-def holder(run_dir: pathlib.Path, timeout_s: float = 600, **env: str) -> subprocess.Popen:
+def holder(run_dir: pathlib.Path, timeout_s: float = 600, *host: str, **env: str) -> subprocess.Popen:
     """A real process that takes the lock of run_dir and keeps it."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), str(timeout_s)], stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), str(timeout_s), *host], stdout=subprocess.PIPE,
+                            text=True,
                             env={**os.environ, **env})
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -104,28 +107,31 @@ def test_a_lock_of_our_own_slurm_job_is_taken_over(tmp_path, monkeypatch):
         stop(proc)
 
 
-def test_a_lock_without_heartbeat_is_taken_over_after_the_timeout(tmp_path):
-    """A holder on another node (its pid cannot be checked from here) that stopped refreshing the lock."""
-    lock_file = tmp_path / ".lock"
-    lock_file.write_text(json.dumps({"host": "another-node", "pid": 1, "job_id": None, "started": "then"}))
-    past = time.time() - 100
-    os.utime(lock_file, (past, past))
-    with pytest.raises(RunDirBusy, match="host another-node, pid 1"):
-        RunLock(tmp_path, timeout_s=600).acquire()
-    logs = []
-    lock = RunLock(tmp_path, timeout_s=30, log=logs.append)
-    lock.acquire()
-    assert logs[0].endswith("its heartbeat stopped 100s ago (train.lock_timeout=30)"), logs
-    lock.release()
+def test_another_hosts_lock_is_judged_by_its_heartbeat_counter_not_by_the_clocks(tmp_path):
+    """Clock skew: the lock's mtime says nothing (here an hour in the past or the future); its counter does."""
+    proc = holder(tmp_path, 0.5, "another-node")         # beats every 0.05 s
+    try:
+        past = time.time() - 3600                         # its clock an hour behind ours
+        os.utime(tmp_path / ".lock", (past, past))
+        with pytest.raises(RunDirBusy, match=f"host another-node, pid {proc.pid}, .*; its heartbeat advanced within"):
+            RunLock(tmp_path, timeout_s=0.5).acquire()
+    finally:
+        stop(proc)
+    future = time.time() + 3600                           # a dead holder whose clock is an hour ahead of ours
+    os.utime(tmp_path / ".lock", (future, future))
+    started = time.monotonic()
+    assert take_over(tmp_path, timeout_s=1).endswith("did not advance in 1s (train.lock_timeout=1)")
+    assert time.monotonic() - started < 5
 
 
-def test_the_heartbeat_refreshes_the_lock(tmp_path):
+def test_the_heartbeat_counts_in_the_lock(tmp_path):
     lock = RunLock(tmp_path, timeout_s=0.5)                # a beat every timeout / 10 = 0.05 s
     lock.acquire()
-    past = time.time() - 100
-    os.utime(tmp_path / ".lock", (past, past))
+    record = json.loads((tmp_path / ".lock").read_text())
+    assert record["beat"] == 0 and record["beat_s"] == 0.05
     time.sleep(0.5)
-    assert time.time() - (tmp_path / ".lock").stat().st_mtime < 0.4
+    beats = json.loads((tmp_path / ".lock").read_text())["beat"]
+    assert beats >= 3, beats
     lock.release()
 
 
@@ -193,8 +199,8 @@ def take_over(run_dir: pathlib.Path, timeout_s: float = 600) -> str:
     lock = RunLock(run_dir, timeout_s=timeout_s, log=logs.append)
     lock.acquire()
     lock.release()
-    assert len(logs) == 1 and logs[0].startswith(f"took over the stale lock {run_dir}/.lock of "), logs
-    return logs[0]
+    assert logs[-1].startswith(f"took over the stale lock {run_dir}/.lock of "), logs
+    return logs[-1]
 
 
 def test_a_zombie_holder_is_dead(tmp_path):
@@ -240,11 +246,11 @@ def test_a_suspended_holder_on_this_host_is_not_taken_over(tmp_path):
 
 
 def test_a_lock_written_on_a_full_disk_is_absent_and_an_empty_one_is_stale(tmp_path, monkeypatch):
-    def full_disk(fd, data):
+    def full_disk(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patch:
-        patch.setattr(os, "write", full_disk)
+        patch.setattr(os, "pwrite", full_disk)
         with pytest.raises(UserError, match=f"cannot create the lock {tmp_path}/.lock: No space left on device. "
                                             "Fix: free space"):
             RunLock(tmp_path, timeout_s=600).acquire()
