@@ -1,14 +1,20 @@
 """One run per run directory: RUN_DIR/.lock, taken by rank 0 before anything is written into RUN_DIR.
 
-The lock file is created with O_CREAT | O_EXCL (atomic on local and NFS v3+ file systems, so it works
-across nodes sharing RUN_DIR) and holds JSON: host, pid, Slurm job id, start time.  A daemon thread
-refreshes its mtime every `timeout / 10` seconds (the heartbeat).  A lock is stale when
-  - its holder ran on this host and its pid is gone (kill -9, a crash),
+The record (JSON: host, pid, its start time and boot id, Slurm job id, start, token, heartbeat counter) is
+written to a file of its own and hard-linked into place, an atomic create-if-absent on local and NFS v3+
+file systems: a lock is complete or absent, and of several launches across nodes exactly one wins.  A
+daemon thread (the heartbeat) checks every `timeout / 10` seconds that the lock is still ours (token and
+inode) and increments the counter through the lock's own file descriptor.  A lock is stale when
+  - its holder ran on this host and is dead: its pid is gone, a zombie, names a process that started at
+    another time (a reused pid) or belongs to an earlier boot; a live one here, even suspended, never is,
   - it holds our own SLURM_JOB_ID (a requeued job: Slurm runs one instance of a job at a time),
-  - or its heartbeat is older than `train.lock_timeout` seconds (a holder on another node that died).
+  - its holder is on another host and its counter stays unchanged for `train.lock_timeout` seconds of the
+    waiter's own monotonic clock (hosts' clocks and file mtimes may disagree),
+  - or it is empty or unreadable (an older writer's full disk) and 5 s old or unchanged that long.
 A stale lock is renamed aside (of several recoverers, exactly one rename succeeds), checked to be the
-one judged stale, deleted, and taken anew.  A live lock stops the launch at once with RunDirBusy
-naming the holder.  `release` removes the lock if it is still ours; it runs on every exit path.
+one judged stale, deleted, and taken anew.  A live lock stops the launch with RunDirBusy naming the
+holder.  A holder whose lock was deleted or taken over stops before its next write (`check`, LockLost).
+`release` removes the lock if it is still ours; it runs on every exit path.
 """
 from __future__ import annotations
 
