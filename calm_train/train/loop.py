@@ -228,6 +228,7 @@ class Run:
         return progress
 
     def save(self, progress: Progress) -> None:
+        self.lock.check()                           # a launch that lost RUN_DIR/.lock writes nothing more
         started, cpu = time.monotonic(), time.thread_time()
         progress.loader = self.loader.state_dict()
         from calm_train.train.reshard import engine_counters, layout_of, optimizer_export, write_optimizer
@@ -260,6 +261,7 @@ class Run:
         from calm_train.train.evaluate import evaluate_run
         if self.validation is None:
             return
+        self.lock.check()
         row = evaluate_run(self, step)
         self.log.evaluation({"step": step, **row})
 
@@ -312,6 +314,7 @@ class Run:
                 self.profiler.begin(progress.step + 1)
                 result = self.engine.train_step(batch["tokens"], batch["sample_ids"], progress.step + 1)
                 self.profiler.end(progress.step + 1)
+                self.lock.check()
                 progress.step += 1
                 progress.samples += t.global_batch
                 progress.tokens += tokens_per_step
