@@ -110,7 +110,8 @@ def plot_curves(out: pathlib.Path, runs: dict[str, pathlib.Path], finals: dict[s
                                                           "brierlm_se": known[f"{key}_brierlm_se"]}
                                                   for label, key in zip(known_runs, ("calm", "ar"))})
     known_ax.axhline(known["optimum_brierlm"], color="k", linestyle="--", label="optimum (exact)")
-    known_ax.set(xlabel="training FLOPs", title=f"Known answer ({known['rung']}): held-out BrierLM, +-2 SE")
+    known_ax.set(xlabel="training FLOPs", title=f"Known answer ({known['rung']}): held-out BrierLM, +-2 SE",
+                 ylim=(0, 1.1 * known["optimum_brierlm"]))
     labels = list(finals)
     final_ax.bar(labels, [finals[k]["brierlm"] for k in labels], yerr=[2 * finals[k]["brierlm_se"] for k in labels],
                  capsize=4, color=["C1", "C2"][:len(labels)])
