@@ -30,6 +30,7 @@ import re
 import torch
 import yaml
 
+from calm_train.config import YamlLoader
 from calm_train.errors import UserError
 from calm_train.files import fsync_tree, sha256_file, write_atomic
 
@@ -81,7 +82,7 @@ def read_json(path: pathlib.Path):
 
 def read_yaml(path: pathlib.Path):
     try:
-        return yaml.safe_load(pathlib.Path(path).read_text())
+        return yaml.load(pathlib.Path(path).read_text(), Loader=YamlLoader)
     except (UnicodeDecodeError, yaml.YAMLError) as err:
         raise _unreadable(path, "YAML file", err) from err
 

@@ -126,8 +126,11 @@ def open_source(spec) -> Source:
     else:
         raise ConvertError(f"{path}/config.json is neither a Llama model (model_type llama), a CALM model "
                            "(num_mlp_layers) nor an autoencoder (num_encoder_layers). Fix: point at one of those")
+    weights = find_weights(path)
+    if model.kind != "autoencoder":
+        reference.check_layers_against_weights({"num_hidden_layers": model.backbone.num_layers}, path, weights)
     return Source(path, layout, Config(run_dir=f"runs/{path.name}", model=model, data=DataConfig(seq_len=seq_len)),
-                  find_weights(path))
+                  weights)
 
 
 def _is_llama(config: dict) -> bool:
@@ -146,7 +149,7 @@ def _seq_len(config: dict, tokens_per_position: int, patch_size: int) -> int:
 def _llama_model(src: pathlib.Path, config: dict) -> ModelConfig:
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         reference.config_field(config, src, key)
-    arch = hf_llama.arch_from_fields(config)
+    arch = hf_llama.arch_from_fields(reference.checked_heads(config, src))
     head_dim = arch.hidden_size // arch.num_heads
     unsupported = {"attention_bias": config.get("attention_bias"), "mlp_bias": config.get("mlp_bias"),
                    "rope_scaling": config.get("rope_scaling"), "head_dim": config.get("head_dim", head_dim) != head_dim}

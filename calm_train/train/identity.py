@@ -14,8 +14,6 @@ import hashlib
 import json
 import pathlib
 
-import yaml
-
 from calm_train.config import Config, ModelConfig, config_from_tree, to_dict
 from calm_train.errors import UserError
 from calm_train.train.warm_start import RECORD_FIELDS, init_from_record
@@ -61,7 +59,8 @@ def saved_identity(ckpt: pathlib.Path, state: dict, log) -> dict:
     (config.yaml, tokenizer/dataset.json, the autoencoder's weights hash) and say so in one line."""
     if "identity" in state:
         return state["identity"]
-    model = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text())).model
+    from calm_train.convert.native import read_yaml
+    model = config_from_tree(read_yaml(ckpt / "config.yaml")).model
     old_ae = state.get("autoencoder")
     log(f"{ckpt} has no identity record (an older calm-train wrote it): its model, tokenizer and autoencoder "
         "weights were taken from its config.yaml, tokenizer/ and state.json; the autoencoder's tokenizer is unknown")
