@@ -33,7 +33,7 @@ from calm_train.config import Config, DataConfig, ParallelConfig, to_yaml, valid
 from calm_train.convert import hf_llama, reference
 from calm_train.convert.native import save_autoencoder_file, write_manifest
 from calm_train.convert.sources import open_source
-from calm_train.convert.tokenizer_io import export_tokenizer, import_tokenizer
+from calm_train.convert.tokenizer_io import export_tokenizer, import_tokenizer, tokenizer_record
 from calm_train.convert.weights import ConvertError, save_weights
 
 
@@ -95,6 +95,7 @@ def export_hf(src, dst) -> pathlib.Path:
                            f"{source.path}/config.yaml. Fix: use the config the checkpoint was saved with") from err
     with _staged(dst) as out:
         special = export_tokenizer(source.path / "tokenizer", out, seq_len)
+        record = tokenizer_record(source.path / "tokenizer", out)
         tokenizer_files = [p for p in out.iterdir() if p.is_file()]
         for name, (weights, config) in directories.items():
             directory = out / name
@@ -102,8 +103,8 @@ def export_hf(src, dst) -> pathlib.Path:
             for path in tokenizer_files if name != "." else ():
                 shutil.copy(path, directory / path.name)
             save_weights(weights, directory / "model.safetensors")
-            (directory / "config.json").write_text(json.dumps({**config, **special, "seq_len": seq_len}, indent=1)
-                                                   + "\n")
+            fields = {**config, **special, **record, "seq_len": seq_len}
+            (directory / "config.json").write_text(json.dumps(fields, indent=1) + "\n")
         if source.model.kind == "ar":
             from transformers import GenerationConfig
             GenerationConfig(**special).save_pretrained(out)

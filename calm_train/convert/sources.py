@@ -27,11 +27,11 @@ from calm_train.config import Config, DataConfig, ModelConfig, config_from_tree
 from calm_train.convert import hf_llama, reference
 from calm_train.convert.native import (MANIFEST, CheckpointError, load_autoencoder_file, load_safetensors, read_yaml,
                                        resolve_checkpoint, verify_checkpoint)
+from calm_train.convert.tokenizer_io import TOKENIZER_FILES
 from calm_train.convert.weights import ConvertError, check_shapes, find_weights, read_weights, resolve_aliases
 from calm_train.files import sha256_file
 
 DEFAULT_SEQ_LEN = 2048
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 @dataclasses.dataclass
@@ -72,6 +72,11 @@ class Source:
             return sha256_file(files[0])
         lines = "".join(f"{f.name} {sha256_file(f)}\n" for f in files)
         return hashlib.sha256(lines.encode()).hexdigest()
+
+    def tokenizer_sha256(self) -> str | None:
+        """The identity of the tokenizer that comes with the model (convert/tokenizer_io.tokenizer_identity)."""
+        from calm_train.convert.tokenizer_io import tokenizer_identity
+        return tokenizer_identity(self.path / "tokenizer" if self.layout == "native" else self.path)
 
     def tokenizer(self):
         """The tokenizer that comes with the model, or None when the directory has none."""

@@ -24,6 +24,7 @@ class Loaded:
     autoencoder: torch.nn.Module | None
     tokenizer: object
     checkpoint: pathlib.Path
+    tokenizer_sha256: str | None      # its identity (convert/tokenizer_io.tokenizer_identity)
 
 
 def load_for_inference(spec: str, device) -> Loaded:
@@ -47,7 +48,7 @@ def load_for_inference(spec: str, device) -> Loaded:
         raise UserError(f"{source.weights} does not fit the model of {source.path} (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}). Fix: use the config it was saved with")
     model = model.to(device).eval()
-    return Loaded(cfg, model, autoencoder, tokenizer, source.path)
+    return Loaded(cfg, model, autoencoder, tokenizer, source.path, source.tokenizer_sha256())
 
 
 def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | None = None, seed: int = 0,
@@ -81,11 +82,11 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         if source is None:
             raise UserError(f"{cfg.data.train} has no val split and the run set no data.val. Fix: pass "
                             "--data DIR of a prepared directory to evaluate on")
-        check_eval_data(loaded.checkpoint, source[0])
+        check_eval_data(loaded.checkpoint, loaded.tokenizer_sha256, source[0])
         pool = None
         if kind == "calm":
             if train_data:
-                check_eval_data(loaded.checkpoint, train_data)
+                check_eval_data(loaded.checkpoint, loaded.tokenizer_sha256, train_data)
             pool = reference_pool(cfg, train_data)
             if pool is None:
                 print(f"calm-train eval: note: no single local training split at {train_data or cfg.data.train} (gone, "
