@@ -58,7 +58,12 @@ def saved_identity(ckpt: pathlib.Path, state: dict, log) -> dict:
     """state.json's identity; a checkpoint of an older version has none: rebuild what its files tell
     (config.yaml, tokenizer/dataset.json, the autoencoder's weights hash) and say so in one line."""
     if "identity" in state:
-        return state["identity"]
+        saved = state["identity"]
+        if not isinstance(saved, dict) or not {"model", "tokenizer_sha256"} <= set(saved):
+            raise IdentityError(f"{ckpt}/state.json: identity is {json.dumps(saved)[:80]}, not a record with model "
+                                "and tokenizer_sha256. Fix: restore the file from a copy, or resume from another "
+                                "checkpoint (train.resume_from=PATH)")
+        return saved
     from calm_train.convert.native import read_yaml
     model = config_from_tree(read_yaml(ckpt / "config.yaml")).model
     old_ae = state.get("autoencoder")

@@ -61,7 +61,8 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
     """
     from calm_train.data.loader import TokenLoader
     from calm_train.parallel import runtime
-    from calm_train.train.evaluate import accumulate, batch_metric_sums, finish, reference_pool, validation_source
+    from calm_train.train.evaluate import (accumulate, batch_metric_sums, finish, max_brier_samples, reference_pool,
+                                           validation_source)
     from calm_train.train.identity import check_eval_data
     with runtime.single_process(seed) as world:
         loaded = load_for_inference(spec, world.device)
@@ -95,6 +96,12 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         loader = TokenLoader(*source, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
                              shuffle=False, verify=True)
         seq_len = loader.info.seq_len
+        most = max_brier_samples(cfg.train.micro_batch, seq_len, cfg.model.patch_size, world.device)
+        if kind == "calm" and samples > most:
+            loader.close()
+            raise UserError(f"--samples {samples} is more than the {most} samples per position whose pairwise "
+                            f"comparisons fit in half the free memory of {world.device} (they grow with the square of "
+                            f"the samples). Fix: use --samples {most} or fewer")
         limit = loader.num_samples if max_tokens is None else min(loader.num_samples, max_tokens // seq_len)
         if limit < 1:
             raise UserError(f"--max-tokens {max_tokens} is less than one sample of {seq_len} tokens. "
