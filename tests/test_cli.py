@@ -180,7 +180,7 @@ def test_every_command_on_bad_input_exits_1_or_2_with_one_line(inputs):
                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE))
                 for args, code, text in cases(inputs)]
     for args, code, text, proc in launched:
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=900)
         assert proc.returncode == code, f"{args}: exit {proc.returncode}\n{err[-3000:]}"
         assert "Traceback" not in err, f"{args}:\n{err[-3000:]}"
         line = err.strip().splitlines()[-1]
