@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import re
 from dataclasses import dataclass, field
@@ -159,8 +160,8 @@ class DataConfig:
     cache_limit: str | None = None    # streaming: e.g. 10gb; shards beyond it are evicted (None: keep every shard)
 
     def __post_init__(self):
-        if isinstance(self.train, str) and SHORT_MIXTURE.fullmatch(self.train):
-            self.train = parse_short_mixture(self.train)
+        if isinstance(self.train, str):
+            self.train = read_data_train(self.train)
 
 
 _WEIGHTED = r"[^,]+@(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
@@ -172,14 +173,32 @@ def parse_short_mixture(text: str) -> list[DataSource]:
     return [DataSource(path, float(weight)) for path, weight in (item.rsplit("@", 1) for item in text.split(","))]
 
 
+def read_data_train(text: str) -> str | list[DataSource]:
+    """data.train as written: the one place that decides between a directory and the short mixture form.
+
+    An existing path is always that path; DIR_A@0.7,DIR_B@0.3 is a mixture only where the whole string is not
+    an existing path (a URL never is one); a string that names an existing path and whose mixture reading names
+    existing paths too is refused, naming both readings."""
+    if not SHORT_MIXTURE.fullmatch(text):
+        return text
+    mixture = parse_short_mixture(text)
+    if not os.path.exists(text):
+        return mixture
+    if all(os.path.exists(s.path) for s in mixture):
+        readings = ", ".join(f"{s.path} weight {s.weight:g}" for s in mixture)
+        raise ConfigError("data.train", f"'{text}' reads both as the directory {text} and as the mixture "
+                          f"[{readings}]", f"write the one you mean as a YAML list: data.train='[{{path: \"{text}\"}}]' "
+                          f"for the directory, or rename it")
+    return text
+
+
 def data_sources(train: str | list[DataSource] | None) -> list[DataSource]:
     """data.train (a directory, the short form or a list) as a list of datasets, each with its name."""
     if not train:
         return []
     if isinstance(train, str):
-        items = parse_short_mixture(train) if SHORT_MIXTURE.fullmatch(train) else [DataSource(train)]
-    else:
-        items = train
+        train = read_data_train(train)
+    items = [DataSource(train)] if isinstance(train, str) else train
     return [DataSource(s.path, s.weight, s.name or pathlib.Path(s.path).name or s.path) for s in items]
 
 
@@ -216,18 +235,28 @@ class Config:
 # loading
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """YAML as a config means it: booleans are true/false only (YAML 1.1 also reads on/off/yes/no, which would
-    turn `logging.wandb=off` or `perf.compile=on` into a bool) and integers have no base 60 (YAML 1.1 reads
-    10:12 as 612, so train.profile=10:12 stays a string)."""
+class YamlLoader(yaml.SafeLoader):
+    """The one loader of every YAML file calm-train reads (configs, a checkpoint's config.yaml and
+    autoencoder.yaml). YAML as a config means it: booleans are true/false only (YAML 1.1 also reads
+    on/off/yes/no, which would turn `logging.wandb=off` or `perf.compile=on` into a bool) and integers have no
+    base 60 (YAML 1.1 reads 10:12 as 612, so train.profile=10:12 stays a string).  Anchors and aliases are
+    refused: a few hundred bytes of nested aliases expand to gigabytes (a "billion laughs" file), and no config
+    needs them."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are refused; write "
+                                              "each value out", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 _BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
-_YamlLoader.yaml_implicit_resolvers = {
+YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_YamlLoader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)
+YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+YamlLoader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)
                                                     |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
 
 
@@ -256,7 +285,7 @@ def _load_yaml(text, where: str):
     """`text` (an open file, or one override's value) as YAML; a syntax error names `where` (a file: with
     line and column)."""
     try:
-        return yaml.load(text, Loader=_YamlLoader)
+        return yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark and not isinstance(text, str) else where
@@ -546,7 +575,7 @@ def profile_steps(spec: str | None) -> tuple[int, int] | None:
 def _validate_mixture(train) -> None:
     short_form = "write data.train=DIR, or DIR_A@0.7,DIR_B@0.3, or a YAML list of {path: DIR, weight: W}"
     if isinstance(train, str):
-        _check(not ("," in train and "@" in train), "data.train", f"'{train}' is neither one directory nor "
+        _check(os.path.exists(train) or not ("," in train and "@" in train), "data.train", f"'{train}' is neither one directory nor "
                "a list DIR@WEIGHT,DIR@WEIGHT with numeric weights", short_form)
         return
     if train is None:

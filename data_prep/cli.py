@@ -95,8 +95,14 @@ def prepare_to_url(args: argparse.Namespace) -> dict:
 
 
 def prepare_here(args: argparse.Namespace) -> dict:
-    """Prepare into the local --out; the summary printed as JSON."""
+    """Prepare into the local --out, holding its staging area's lock; the summary printed as JSON."""
     stage = Staging(args.out)
+    alone = args.merge or args.tokenizer_only or (args.shard_index is None and args.num_shards is None)
+    with stage.locked(exclusive=alone):
+        return _prepare_locked(args, stage)
+
+
+def _prepare_locked(args: argparse.Namespace, stage: Staging) -> dict:
     stage.recover()
     start = time.time()
     if args.merge:

@@ -9,6 +9,12 @@ complete one; a kill between the two renames is finished by the next prepare of 
     PARENT/.NAME.prepare/new/                 the output being written
     PARENT/.NAME.prepare/old/                 the previous output, while the new one is swapped in
     PARENT/NAME.before-prepare-UTC/           a foreign --out moved aside by --overwrite (kept)
+    PARENT/.NAME.prepare.lock                 the staging area's lock (kept: a lock file deleted while held
+                                              would let a third prepare lock a new file beside the holder)
+
+The lock is a kernel file lock (flock), so it is released when its holder exits, however it exits: a prepare
+that writes the whole output, a --merge and a --tokenizer-only hold it alone; the tasks of an array job share
+it (each writes only its own .work/task-I-of-N); a second prepare of one --out is refused while it is held.
 
 --out may be absent, empty, or a previous prepare output: prepared data (dataset.json, the tokenizer
 files it names, the split directories) or a tokenizer of --tokenizer-only.  Anything else (a user's
@@ -16,6 +22,8 @@ files) is refused unless --overwrite, which moves it aside instead of deleting i
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import shutil
@@ -53,6 +61,19 @@ class Staging:
         self.out = pathlib.Path(out).absolute()
         self.root = self.out.parent / f".{self.out.name}.prepare"
         self.new, self.old = self.root / "new", self.root / "old"
+
+    @contextlib.contextmanager
+    def locked(self, exclusive: bool):
+        """Hold the staging area's lock (alone, or `exclusive=False`: shared with the other tasks of an array)."""
+        path = self.out.parent / f".{self.out.name}.prepare.lock"
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DataError(f"--out {self.out}: another prepare of it is running (it holds {path}). Fix: wait "
+                                "for it to finish, or prepare into another --out") from None
+            yield
 
     def recover(self) -> None:
         """Finish a swap that a kill interrupted (`old` exists only while a complete `new` is swapped in)."""

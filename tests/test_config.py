@@ -125,6 +125,37 @@ def test_data_train_takes_one_directory_or_a_weighted_mixture():
     assert load_config("tiny_ar", ["data.train=data/v@2"]).data.train == [DataSource("data/v", 2.0)]
 
 
+def test_an_existing_directory_named_like_a_mixture_is_that_directory(tiny_data, tmp_path, capsys):
+    """data.train=/data/web@1 where web@1 is a directory: `calm-train config` shows it trains on that directory;
+    with /data/web beside it the string reads both ways and is refused, naming both."""
+    from calm_train.cli import main
+    from calm_train.config import DataSource
+    import shutil
+    named = tmp_path / "web@1"
+    shutil.copytree(tiny_data, named)
+    assert main(["config", "tiny_ar", f"data.train={named}"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["train"] == str(named)
+    assert load_config("tiny_ar", [f"data.train={tmp_path / 'other'}@1"]).data.train == [
+        DataSource(str(tmp_path / "other"), 1.0)]                                # not a path: a mixture
+    (tmp_path / "web").mkdir()
+    assert main(["config", "tiny_ar", f"data.train={named}"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"reads both as the directory {named} and as the mixture [{tmp_path / 'web'} weight 1]" in line
+    listed = load_config("tiny_ar", [f"data.train=[{{path: '{named}'}}]"])   # the unambiguous spelling
+    assert listed.data.train == [DataSource(str(named))]
+
+
+def test_yaml_anchors_and_aliases_are_refused_in_every_file(tmp_path):
+    from calm_train.convert.native import CheckpointError, read_yaml
+    from calm_train.errors import UserError
+    bomb = "base: tiny_ar\na: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n"
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    with pytest.raises(UserError, match=r"bomb.yaml:2:4: not valid YAML \(anchors and aliases"):
+        load_config(str(tmp_path / "bomb.yaml"))
+    with pytest.raises(CheckpointError, match="anchors and aliases"):
+        read_yaml(tmp_path / "bomb.yaml")
+
+
 def test_profile_steps_are_not_read_as_base_60():
     from calm_train.config import profile_steps
     cfg = load_config("tiny_ar", ["train.profile=10:12"])                        # YAML 1.1 would say 612

@@ -33,15 +33,24 @@ from calm_train.config import Config, DataConfig, ParallelConfig, to_yaml, valid
 from calm_train.convert import hf_llama, reference
 from calm_train.convert.native import save_autoencoder_file, write_manifest
 from calm_train.convert.sources import open_source
-from calm_train.convert.tokenizer_io import export_tokenizer, import_tokenizer
+from calm_train.convert.tokenizer_io import export_tokenizer, import_tokenizer, tokenizer_record
 from calm_train.convert.weights import ConvertError, save_weights
+
+
+def check_destination(dst: pathlib.Path) -> None:
+    """DST must be a new path or an empty directory (not a link to one: the rename at the end would replace the
+    link, not fill the directory); checked before the conversion reads anything."""
+    if dst.is_symlink():
+        raise ConvertError(f"{dst} is a symbolic link (to {os.readlink(dst)}). Fix: give the directory itself "
+                           f"({dst.resolve()}) or a new path")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConvertError(f"{dst} exists and is not empty. Fix: choose a new destination directory")
 
 
 @contextlib.contextmanager
 def _staged(dst: pathlib.Path):
     """Write into DST's sibling `.partial-NAME` and rename it to DST at the end: DST is complete or absent."""
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ConvertError(f"{dst} exists and is not empty. Fix: choose a new destination directory")
+    check_destination(dst)
     partial = dst.parent / f".partial-{dst.name}"
     if partial.exists():
         shutil.rmtree(partial)                  # our own leftover of an interrupted conversion
@@ -95,6 +104,7 @@ def export_hf(src, dst) -> pathlib.Path:
                            f"{source.path}/config.yaml. Fix: use the config the checkpoint was saved with") from err
     with _staged(dst) as out:
         special = export_tokenizer(source.path / "tokenizer", out, seq_len)
+        record = tokenizer_record(source.path / "tokenizer", out)
         tokenizer_files = [p for p in out.iterdir() if p.is_file()]
         for name, (weights, config) in directories.items():
             directory = out / name
@@ -102,8 +112,8 @@ def export_hf(src, dst) -> pathlib.Path:
             for path in tokenizer_files if name != "." else ():
                 shutil.copy(path, directory / path.name)
             save_weights(weights, directory / "model.safetensors")
-            (directory / "config.json").write_text(json.dumps({**config, **special, "seq_len": seq_len}, indent=1)
-                                                   + "\n")
+            fields = {**config, **special, **record, "seq_len": seq_len}
+            (directory / "config.json").write_text(json.dumps(fields, indent=1) + "\n")
         if source.model.kind == "ar":
             from transformers import GenerationConfig
             GenerationConfig(**special).save_pretrained(out)
@@ -140,6 +150,7 @@ def run_convert(src, dst, to: str, tp: int = 1, pp: int = 1) -> int:
     """The `convert` command; returns the exit status (UserErrors propagate to the CLI)."""
     from calm_train.storage.url import local_only
     local_only(dst, "DST", "write DST to a local directory (SRC may be a URL)")
+    check_destination(pathlib.Path(dst))
     if to == "hf":
         if (tp, pp) != (1, 1):
             raise ConvertError(f"--tp {tp} --pp {pp} with --to hf: an exported directory has no parallel layout. "

@@ -30,6 +30,7 @@ import re
 import torch
 import yaml
 
+from calm_train.config import YamlLoader
 from calm_train.errors import UserError
 from calm_train.files import fsync_tree, sha256_file, write_atomic
 
@@ -80,10 +81,17 @@ def read_json(path: pathlib.Path):
 
 
 def read_yaml(path: pathlib.Path):
+    """A checkpoint's YAML file through the project's one loader (config.YamlLoader: no anchors or aliases)."""
     try:
-        return yaml.safe_load(pathlib.Path(path).read_text())
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        return yaml.load(pathlib.Path(path).read_text(), Loader=YamlLoader)
+    except UnicodeDecodeError as err:
         raise _unreadable(path, "YAML file", err) from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise CheckpointError(f"{path} is not a readable YAML file ({problem}{at}). Fix: restore the file from a "
+                              "copy, or use another checkpoint") from err
 
 
 def open_safetensors(path: pathlib.Path):

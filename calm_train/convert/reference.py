@@ -53,14 +53,47 @@ def read_config(directory: pathlib.Path) -> dict:
     if not path.is_file():
         raise ConvertError(f"{path} is missing: {directory} is not a Hugging Face-layout directory. Fix: pass a "
                            "directory with config.json and its weights")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConvertError(f"{path}: not valid JSON ({err}). Fix: {FIX}") from err
+    if not isinstance(config, dict):
+        raise ConvertError(f"{path} holds a {type(config).__name__}, not a JSON object. Fix: {FIX}")
+    return config
 
 
-def config_field(config: dict, path: pathlib.Path, key: str):
+def config_field(config: dict, path: pathlib.Path, key: str) -> int:
+    """A size of config.json (every field read through here is a count or a width): a positive integer."""
     if key not in config:
         raise ConvertError(f"{path}/config.json: key '{key}' is missing. Fix: add it (the value the model was "
                            "trained with)")
-    return config[key]
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConvertError(f"{path}/config.json: '{key}' is {value!r}, not a positive integer. Fix: {FIX}")
+    return value
+
+
+def checked_heads(config: dict, path: pathlib.Path) -> dict:
+    """config.json's attention heads fit its width: num_attention_heads (and num_key_value_heads, when given)
+    positive integers, the heads dividing hidden_size, the key/value heads dividing the heads."""
+    heads = config_field(config, path, "num_attention_heads")
+    kv = config_field(config, path, "num_key_value_heads") if config.get("num_key_value_heads") is not None else heads
+    if config_field(config, path, "hidden_size") % heads or heads % kv:
+        raise ConvertError(f"{path}/config.json: hidden_size {config['hidden_size']}, num_attention_heads {heads} "
+                           f"and num_key_value_heads {kv} do not divide (hidden_size by the heads, the heads by the "
+                           f"key/value heads). Fix: {FIX}")
+    return config
+
+
+def check_layers_against_weights(counts: dict[str, int], path: pathlib.Path, weights_path: pathlib.Path) -> None:
+    """Each layer count of config.json at most the number of tensors in the weights' header: a crafted
+    `num_hidden_layers: 1000000` is refused before a million layers' shapes (or modules) are built."""
+    from calm_train.convert.weights import weight_names
+    tensors = len(weight_names(weights_path))
+    for key, count in counts.items():
+        if count > tensors:
+            raise ConvertError(f"{path}/config.json: {key} = {count}, but {weights_path} holds {tensors} tensors in "
+                               f"all: the config does not describe these weights. Fix: {FIX}")
 
 
 def is_calm_config(config: dict) -> bool:
@@ -128,11 +161,13 @@ def read_reference_autoencoder_config(directory) -> tuple[AutoencoderArch, int, 
     directory = pathlib.Path(directory)
     config = read_config(directory)
     weights_path = find_weights(directory)
-    if is_autoencoder_config(config):
-        return (*autoencoder_from_fields(config, directory), weights_path)
+    if is_autoencoder_config(config) or (is_calm_config(config) and "ae_config" in config):
+        arch, vocab, K = autoencoder_from_fields(config if is_autoencoder_config(config) else config["ae_config"],
+                                                 directory)
+        check_layers_against_weights({"num_encoder_layers": arch.num_encoder_layers,
+                                      "num_decoder_layers": arch.num_decoder_layers}, directory, weights_path)
+        return arch, vocab, K, weights_path
     if is_calm_config(config):
-        if "ae_config" in config:
-            return (*autoencoder_from_fields(config["ae_config"], directory), weights_path)
         ae = _strip(read_weights(weights_path), AE_PREFIX)
         if not ae:
             raise ConvertError(f"{weights_path} holds no {AE_PREFIX}* weights and {directory}/config.json no "
@@ -195,7 +230,8 @@ def calm_model_config(config: dict, ae: AutoencoderArch, directory: pathlib.Path
         raise ConvertError(f"{directory}/config.json: latent_size {config['latent_size']} differs from its "
                            f"autoencoder's {ae.latent_size}. Fix: {FIX}")
     return ModelConfig(kind="calm", vocab_size=get("vocab_size"), patch_size=get("patch_size"),
-                       backbone=arch_from_fields(config), head=head, ae=dataclasses.replace(ae))
+                       backbone=arch_from_fields(checked_heads(config, directory)), head=head,
+                       ae=dataclasses.replace(ae))
 
 
 def calm_reference_shapes(model: ModelConfig, ae_vocab: int) -> dict[str, tuple[int, ...]]:

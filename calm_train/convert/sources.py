@@ -27,11 +27,11 @@ from calm_train.config import Config, DataConfig, ModelConfig, config_from_tree
 from calm_train.convert import hf_llama, reference
 from calm_train.convert.native import (MANIFEST, CheckpointError, load_autoencoder_file, load_safetensors, read_yaml,
                                        resolve_checkpoint, verify_checkpoint)
+from calm_train.convert.tokenizer_io import TOKENIZER_FILES
 from calm_train.convert.weights import ConvertError, check_shapes, find_weights, read_weights, resolve_aliases
 from calm_train.files import sha256_file
 
 DEFAULT_SEQ_LEN = 2048
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 @dataclasses.dataclass
@@ -72,6 +72,11 @@ class Source:
             return sha256_file(files[0])
         lines = "".join(f"{f.name} {sha256_file(f)}\n" for f in files)
         return hashlib.sha256(lines.encode()).hexdigest()
+
+    def tokenizer_sha256(self) -> str | None:
+        """The identity of the tokenizer that comes with the model (convert/tokenizer_io.tokenizer_identity)."""
+        from calm_train.convert.tokenizer_io import tokenizer_identity
+        return tokenizer_identity(self.path / "tokenizer" if self.layout == "native" else self.path)
 
     def tokenizer(self):
         """The tokenizer that comes with the model, or None when the directory has none."""
@@ -126,8 +131,11 @@ def open_source(spec) -> Source:
     else:
         raise ConvertError(f"{path}/config.json is neither a Llama model (model_type llama), a CALM model "
                            "(num_mlp_layers) nor an autoencoder (num_encoder_layers). Fix: point at one of those")
+    weights = find_weights(path)
+    if model.kind != "autoencoder":
+        reference.check_layers_against_weights({"num_hidden_layers": model.backbone.num_layers}, path, weights)
     return Source(path, layout, Config(run_dir=f"runs/{path.name}", model=model, data=DataConfig(seq_len=seq_len)),
-                  find_weights(path))
+                  weights)
 
 
 def _is_llama(config: dict) -> bool:
@@ -146,7 +154,7 @@ def _seq_len(config: dict, tokens_per_position: int, patch_size: int) -> int:
 def _llama_model(src: pathlib.Path, config: dict) -> ModelConfig:
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         reference.config_field(config, src, key)
-    arch = hf_llama.arch_from_fields(config)
+    arch = hf_llama.arch_from_fields(reference.checked_heads(config, src))
     head_dim = arch.hidden_size // arch.num_heads
     unsupported = {"attention_bias": config.get("attention_bias"), "mlp_bias": config.get("mlp_bias"),
                    "rope_scaling": config.get("rope_scaling"), "head_dim": config.get("head_dim", head_dim) != head_dim}

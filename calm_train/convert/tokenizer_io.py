@@ -18,6 +18,7 @@ import shutil
 
 from calm_train.convert.weights import ConvertError
 from calm_train.data.tokenizer import PROBE, Tokenizer, load_dataset_tokenizer, load_tokenizer
+from calm_train.files import sha256_file
 
 IMPORTED_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
@@ -34,6 +35,28 @@ def _fast_tokenizer(tok: Tokenizer, tokenizer_dir: pathlib.Path):
 
 
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")   # the main file of a directory: the first present
+
+
+def tokenizer_identity(directory) -> str | None:
+    """The sha256 that identifies the tokenizer a model directory holds, as `tokenizer_sha256` in dataset.json
+    does for prepared data: its dataset.json's record (a run's tokenizer/, prepared data); else, in an exported
+    or foreign directory, the identity our export recorded in config.json while the main file is the one it
+    wrote (a Hugging Face tokenizer.json re-serialises the same ids in other bytes), or the main file's sha256;
+    None: no tokenizer file."""
+    from calm_train.data.dataset_info import INFO_NAME, read_dataset_info
+    directory = pathlib.Path(directory)
+    if (directory / INFO_NAME).is_file():
+        return read_dataset_info(directory).tokenizer_sha256
+    main = next((directory / n for n in TOKENIZER_FILES if (directory / n).is_file()), None)
+    if main is None:
+        return None
+    digest = sha256_file(main)
+    config = directory / "config.json"
+    record = json.loads(config.read_text()) if config.is_file() else {}
+    if isinstance(record, dict) and record.get("tokenizer_file_sha256") == digest and record.get("tokenizer_sha256"):
+        return str(record["tokenizer_sha256"])
+    return digest
 
 
 def export_tokenizer(tokenizer_dir: pathlib.Path, dst: pathlib.Path, max_length: int) -> dict[str, int | None]:
@@ -54,11 +77,17 @@ def export_tokenizer(tokenizer_dir: pathlib.Path, dst: pathlib.Path, max_length:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
+def tokenizer_record(tokenizer_dir: pathlib.Path, dst: pathlib.Path) -> dict[str, str]:
+    """The config.json fields by which `tokenizer_identity` of the export is the native tokenizer's."""
+    return {"tokenizer_sha256": tokenizer_identity(tokenizer_dir),
+            "tokenizer_file_sha256": sha256_file(dst / "tokenizer.json")}
+
+
 def import_tokenizer(src: pathlib.Path, dst_dir: pathlib.Path, vocab_size: int, patch_size: int,
                      seq_len: int) -> Tokenizer:
     """Copy src's tokenizer files into dst_dir and write its dataset.json; the tokenizer must fit the vocabulary."""
     from calm_train.data.dataset_info import DatasetInfo, write_dataset_info
-    main = next((src / n for n in ("tokenizer.json", "tokenizer.model") if (src / n).is_file()), None)
+    main = next((src / n for n in TOKENIZER_FILES if (src / n).is_file()), None)
     if main is None:
         raise ConvertError(f"{src} holds no tokenizer.json or tokenizer.model: a native checkpoint carries its "
                            "tokenizer. Fix: put the model's tokenizer files (tokenizer.json and "
@@ -76,6 +105,6 @@ def import_tokenizer(src: pathlib.Path, dst_dir: pathlib.Path, vocab_size: int, 
                            f"{vocab_size}. Fix: convert with the tokenizer the model was trained with")
     write_dataset_info(dst_dir, DatasetInfo(
         vocab_size=vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id, bos_id=tok.bos_id, patch_size=patch_size,
-        seq_len=seq_len, tokenizer=main.name, tokenizer_sha256=tok.sha256, tokenizer_files=files, splits={},
+        seq_len=seq_len, tokenizer=main.name, tokenizer_sha256=tokenizer_identity(src), tokenizer_files=files, splits={},
         documents=0, text_bytes=0, samples_per_shard=0, val_fraction=0.0, inputs=[f"converted from {src}"]))
     return tok

@@ -65,6 +65,27 @@ def _read_one(path: pathlib.Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def weight_names(path: pathlib.Path) -> list[str]:
+    """The tensor names of a weight file or an index of shards, from the headers only (a .bin is unpickled:
+    it has no header)."""
+    path = pathlib.Path(path)
+    if path.name.endswith(".index.json"):
+        try:
+            return list(json.loads(path.read_text())["weight_map"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConvertError(f"{path} is not a weight index with a weight_map ({err}). Fix: download it "
+                               "again") from err
+    if path.suffix != ".safetensors":
+        return list(_read_one(path))
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConvertError(f"{path} cannot be read ({str(err).splitlines()[0]}): truncated or damaged. Fix: "
+                           "download it again") from err
+
+
 def read_weights(path: pathlib.Path) -> Weights:
     """All tensors of a weight file or an index of shards, as float32."""
     path = pathlib.Path(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from dataclasses import dataclass, field
 
@@ -77,7 +78,22 @@ def read_dataset_info(data_dir) -> DatasetInfo:
     if not path.is_file():
         raise DataError(f"{path}: missing; {data_dir} is not a prepared data directory. "
                         "Fix: run `calm-train prepare --input ... --tokenizer ... --out DIR` and point at DIR")
-    return parse_dataset_info(path.read_text(), child(data_dir, INFO_NAME))
+    info = parse_dataset_info(path.read_text(), child(data_dir, INFO_NAME))
+    if not is_url(data_dir):
+        _check_tokenizer_files(pathlib.Path(data_dir), info, path)
+    return info
+
+
+def _check_tokenizer_files(data_dir: pathlib.Path, info: DatasetInfo, info_path: pathlib.Path) -> None:
+    """The tokenizer files dataset.json names are regular files inside DIR: a symbolic link (or anything else)
+    would make a run copy whatever it points at into RUN_DIR/tokenizer/ and every checkpoint."""
+    for name in dict.fromkeys([INFO_NAME, info.tokenizer, *info.tokenizer_files]):
+        path = data_dir / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            what = f"a symbolic link to {os.readlink(path)}" if path.is_symlink() else "not a regular file"
+            raise DataError(f"{path}: {what} (named in {info_path}); only regular files inside the dataset directory "
+                            "are read and copied with it. Fix: replace it with a copy of the file itself, or rerun "
+                            "`calm-train prepare`")
 
 
 def parse_dataset_info(text: str, path: str) -> DatasetInfo:

@@ -55,6 +55,10 @@ def check_index(index: dict, index_path, seq_len: int | None) -> int:
     samples = 0
     for n, shard in enumerate(index["shards"]):
         samples += int(shard.get("samples", 0))
+        if seq_len is not None and (shard.get("column_encodings"), shard.get("column_names")) != (
+                [f"ndarray:uint32:{seq_len}"], ["tokens"]):
+            raise DataError(f"{index_path}: shard {n} holds columns {shard.get('column_names')} of types "
+                            f"{shard.get('column_encodings')}, not one column 'tokens' of ndarray:uint32:{seq_len}. {FIX}")
         if seq_len is not None and shard.get("column_sizes") != [4 * seq_len]:
             raise DataError(f"{index_path}: shard {n} holds samples of {shard.get('column_sizes')} bytes, "
                             f"not seq_len={seq_len} uint32 tokens ({4 * seq_len} bytes). {FIX}")

@@ -116,5 +116,6 @@ def brierlm_standard_error(brier_n: Sequence[float], covariance: Sequence[Sequen
 
 
 def near_zero(means: Sequence[float], standard_errors: Sequence[float]) -> list[int]:
-    """The n (1-based) whose Brier-n mean is below two standard errors: not distinguishable from 0."""
-    return [n for n, (m, se) in enumerate(zip(means, standard_errors), 1) if m < 2 * se]
+    """The n (1-based) whose Brier-n mean is at most two standard errors: not distinguishable from 0.  A mean of
+    exactly 0 with a standard error of 0 (no sampled n-gram ever matched) is listed too: `<=`, not `<`."""
+    return [n for n, (m, se) in enumerate(zip(means, standard_errors), 1) if m <= 2 * se]

@@ -115,6 +115,19 @@ def ar_brier_estimates(model, tokens_BL: torch.Tensor, patch_size: int, rng: Sam
     return torch.stack(estimates, -1)
 
 
+def max_brier_samples(micro_batch: int, seq_len: int, patch_size: int, device) -> int:
+    """The most CALM head samples per position whose pairwise comparisons (brier_u_statistic: [B, P, S, S, n]
+    booleans and their float copy, 5 bytes each) for one batch fit in half the device's free memory."""
+    import math
+    import os
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    per_pair = micro_batch * max(1, len(boundaries(seq_len, patch_size))) * MAX_N * 5
+    return max(2, math.isqrt(free // 2 // per_pair))
+
+
 def eval_rng(sample_ids: torch.Tensor, seed: int, device) -> SampleRNG:
     return SampleRNG(sample_seeds(seed, EVAL_STEP, sample_ids), device)
 

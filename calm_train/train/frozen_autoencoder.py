@@ -13,7 +13,6 @@ import dataclasses
 import pathlib
 
 import torch
-import yaml
 
 from calm_train.config import AutoencoderArch, Config
 from calm_train.errors import UserError
@@ -32,9 +31,10 @@ class AutoencoderRef:
 
 
 def find_autoencoder(spec: str) -> AutoencoderRef:
-    from calm_train.convert.native import AUTOENCODER_SPEC, AUTOENCODER_WEIGHTS, resolve_checkpoint
+    from calm_train.convert.native import AUTOENCODER_SPEC, AUTOENCODER_WEIGHTS, read_yaml, resolve_checkpoint
     from calm_train.files import sha256_file
     from calm_train.convert.remote import fetch_checkpoint
+    from calm_train.convert.tokenizer_io import tokenizer_identity
     from calm_train.train.identity import recorded_tokenizer
     path = pathlib.Path(fetch_checkpoint(spec))
     if not path.exists():
@@ -43,12 +43,12 @@ def find_autoencoder(spec: str) -> AutoencoderRef:
     if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         from calm_train.convert.reference import read_reference_autoencoder_config
         arch, vocab, k, weights = read_reference_autoencoder_config(path)
-        tokenizer = recorded_tokenizer(path / "tokenizer") or recorded_tokenizer(path)
+        tokenizer = recorded_tokenizer(path / "tokenizer") or tokenizer_identity(path)
         return AutoencoderRef(path, weights, arch, vocab, k, sha256_file(weights), "hf", tokenizer)
     ckpt = resolve_checkpoint(path)
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    saved = read_yaml(ckpt / "config.yaml")
     if saved["model"]["kind"] == "calm" and (ckpt / AUTOENCODER_WEIGHTS).is_file():
-        frozen = yaml.safe_load((ckpt / AUTOENCODER_SPEC).read_text())
+        frozen = read_yaml(ckpt / AUTOENCODER_SPEC)
         weights = ckpt / AUTOENCODER_WEIGHTS
         return AutoencoderRef(ckpt, weights, AutoencoderArch(**frozen["arch"]), frozen["vocab_size"],
                               frozen["patch_size"], sha256_file(weights), "native",

@@ -14,8 +14,6 @@ import hashlib
 import json
 import pathlib
 
-import yaml
-
 from calm_train.config import Config, ModelConfig, config_from_tree, to_dict
 from calm_train.errors import UserError
 from calm_train.train.warm_start import RECORD_FIELDS, init_from_record
@@ -60,8 +58,14 @@ def saved_identity(ckpt: pathlib.Path, state: dict, log) -> dict:
     """state.json's identity; a checkpoint of an older version has none: rebuild what its files tell
     (config.yaml, tokenizer/dataset.json, the autoencoder's weights hash) and say so in one line."""
     if "identity" in state:
-        return state["identity"]
-    model = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text())).model
+        saved = state["identity"]
+        if not isinstance(saved, dict) or not {"model", "tokenizer_sha256"} <= set(saved):
+            raise IdentityError(f"{ckpt}/state.json: identity is {json.dumps(saved)[:80]}, not a record with model "
+                                "and tokenizer_sha256. Fix: restore the file from a copy, or resume from another "
+                                "checkpoint (train.resume_from=PATH)")
+        return saved
+    from calm_train.convert.native import read_yaml
+    model = config_from_tree(read_yaml(ckpt / "config.yaml")).model
     old_ae = state.get("autoencoder")
     log(f"{ckpt} has no identity record (an older calm-train wrote it): its model, tokenizer and autoencoder "
         "weights were taken from its config.yaml, tokenizer/ and state.json; the autoencoder's tokenizer is unknown")
@@ -118,25 +122,32 @@ def check_run_tokenizer(run_dir: pathlib.Path, data_dir: pathlib.Path, tokenizer
 def check_autoencoder_tokenizer(ref, data_dir: pathlib.Path, tokenizer_sha256: str, log) -> None:
     """A CALM run's frozen autoencoder must have been trained with the data's tokenizer."""
     if ref.tokenizer_sha256 is None:
-        log(f"warning: the autoencoder {ref.path} records no tokenizer (no dataset.json): could not check that it "
-            f"was trained with the data's tokenizer (sha256 {tokenizer_sha256})")
+        log(f"warning: the autoencoder {ref.path} holds no tokenizer (no dataset.json, tokenizer.json or "
+            f"tokenizer.model): could not check that it was trained with the data's tokenizer (sha256 {tokenizer_sha256})")
     elif ref.tokenizer_sha256 != tokenizer_sha256:
+        origin = ref.path / "tokenizer" / "dataset.json" if ref.layout == "native" else "its tokenizer files"
         raise IdentityError(
             f"the autoencoder {ref.path} was trained with tokenizer sha256 {ref.tokenizer_sha256} "
-            f"({ref.path}/tokenizer/dataset.json) but data.train has {tokenizer_sha256} ({data_dir}/dataset.json): "
+            f"({origin}) but data.train has {tokenizer_sha256} ({data_dir}/dataset.json): "
             "its latents would encode other text. Fix: use an autoencoder "
             "trained on data of this tokenizer, or prepare the data with the autoencoder's tokenizer "
             f"({ref.path}/tokenizer)")
 
 
-def check_eval_data(ckpt: pathlib.Path, data) -> None:
-    """`eval`: the data (a directory or a data.train mixture) must be tokenized as the checkpoint's model was."""
+def check_eval_data(model_dir: pathlib.Path, tokenizer_sha256: str | None, data) -> None:
+    """`eval`: the data (a directory or a data.train mixture) must be tokenized as the model was.  Every source
+    kind (run, checkpoint, Hugging Face export, reference layout) comes with its tokenizer's identity
+    (convert/sources.Source.tokenizer_sha256); one the model does not record cannot be checked, and is refused."""
     from calm_train.data.mixing import as_sources
-    ours = recorded_tokenizer(ckpt / "tokenizer")
+    if tokenizer_sha256 is None:
+        raise IdentityError(f"{model_dir} holds no tokenizer: the data's ids cannot be checked against the model's. "
+                            "Fix: put the model's tokenizer files (tokenizer.json, tokenizer_config.json) beside it")
+    recorded = model_dir / "tokenizer" / "dataset.json"
+    origin = recorded if recorded.is_file() else f"the tokenizer files in {model_dir}"
     for data_dir in [source.path for source in as_sources(data)]:
         theirs = recorded_tokenizer(data_dir)
-        if None not in (ours, theirs) and theirs != ours:
+        if theirs is not None and theirs != tokenizer_sha256:
             raise IdentityError(
-                f"{data_dir} has tokenizer sha256 {theirs} ({data_dir}/dataset.json) but {ckpt} was trained with "
-                f"{ours} ({ckpt}/tokenizer/dataset.json): the same ids would mean other text. Fix: evaluate on data "
-                f"prepared with the checkpoint's tokenizer (calm-train prepare --tokenizer {ckpt}/tokenizer/...)")
+                f"{data_dir} has tokenizer sha256 {theirs} ({data_dir}/dataset.json) but {model_dir} was trained with "
+                f"{tokenizer_sha256} ({origin}): the same ids would mean other text. Fix: evaluate on data prepared "
+                f"with the model's tokenizer (calm-train prepare --tokenizer {model_dir}/...)")

@@ -24,6 +24,7 @@ class Loaded:
     autoencoder: torch.nn.Module | None
     tokenizer: object
     checkpoint: pathlib.Path
+    tokenizer_sha256: str | None      # its identity (convert/tokenizer_io.tokenizer_identity)
 
 
 def load_for_inference(spec: str, device) -> Loaded:
@@ -47,7 +48,7 @@ def load_for_inference(spec: str, device) -> Loaded:
         raise UserError(f"{source.weights} does not fit the model of {source.path} (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}). Fix: use the config it was saved with")
     model = model.to(device).eval()
-    return Loaded(cfg, model, autoencoder, tokenizer, source.path)
+    return Loaded(cfg, model, autoencoder, tokenizer, source.path, source.tokenizer_sha256())
 
 
 def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | None = None, seed: int = 0,
@@ -61,8 +62,8 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
     """
     from calm_train.data.loader import TokenLoader
     from calm_train.parallel import runtime
-    from calm_train.train.evaluate import (accumulate, batch_metric_sums, finish, optimum_source, reference_pool,
-                                          validation_source)
+    from calm_train.train.evaluate import (accumulate, batch_metric_sums, finish, max_brier_samples, optimum_source,
+                                          reference_pool, validation_source)
     from calm_train.train.identity import check_eval_data
     with runtime.single_process(seed) as world:
         loaded = load_for_inference(spec, world.device)
@@ -83,11 +84,11 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         if source is None:
             raise UserError(f"{cfg.data.train} has no val split and the run set no data.val. Fix: pass "
                             "--data DIR of a prepared directory to evaluate on")
-        check_eval_data(loaded.checkpoint, source[0])
+        check_eval_data(loaded.checkpoint, loaded.tokenizer_sha256, source[0])
         pool = None
         if kind == "calm":
             if train_data:
-                check_eval_data(loaded.checkpoint, train_data)
+                check_eval_data(loaded.checkpoint, loaded.tokenizer_sha256, train_data)
             pool = reference_pool(cfg, train_data)
             if pool is None:
                 print(f"calm-train eval: note: no single local training split at {train_data or cfg.data.train} (gone, "
@@ -96,6 +97,12 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
         loader = TokenLoader(*source, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
                              shuffle=False, verify=True)
         seq_len = loader.info.seq_len
+        most = max_brier_samples(cfg.train.micro_batch, seq_len, cfg.model.patch_size, world.device)
+        if kind == "calm" and samples > most:
+            loader.close()
+            raise UserError(f"--samples {samples} is more than the {most} samples per position whose pairwise "
+                            f"comparisons fit in half the free memory of {world.device} (they grow with the square of "
+                            f"the samples). Fix: use --samples {most} or fewer")
         limit = loader.num_samples if max_tokens is None else min(loader.num_samples, max_tokens // seq_len)
         if limit < 1:
             raise UserError(f"--max-tokens {max_tokens} is less than one sample of {seq_len} tokens. "

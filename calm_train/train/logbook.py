@@ -24,12 +24,17 @@ def read_jsonl(path: pathlib.Path, log=print) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as err:
             if number < len(lines):
                 raise UserError(f"{path}:{number} is not a JSON object ({err}). Fix: repair or delete that line") \
                     from err
             log(f"warning: dropped the torn last line of {path} ({len(line)} characters: {line[:40]!r}...)")
+            continue
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number} is {line.strip()[:40]!r}, not a JSON object. Fix: repair or delete "
+                            "that line")
+        rows.append(row)
     return rows
 
 

@@ -114,5 +114,5 @@ def write_run_files(run_dir: pathlib.Path, config_yaml: str, data_dir, tokenizer
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     for name in [*tokenizer_files, "dataset.json"]:
-        shutil.copy2(pathlib.Path(data_dir) / name, staging / name)
+        shutil.copy2(pathlib.Path(data_dir) / name, staging / name, follow_symlinks=False)  # links: refused on read
     os.replace(staging, tokenizer_dir)

@@ -153,3 +153,4 @@ def test_brierlm_standard_error_matches_the_spread_of_brierlm_over_repeated_eval
 def test_near_zero_names_the_n_below_two_standard_errors():
     assert near_zero([0.2, 0.01, 0.003, -0.001], [0.01, 0.004, 0.002, 0.001]) == [3, 4]
     assert near_zero([0.2, 0.1], [0.01, 0.01]) == []
+    assert near_zero([0.3, 0.0, 0.0, 0.0], [0.01, 0.0, 0.0, 0.0]) == [2, 3, 4]     # exactly 0, no spread: near 0 too

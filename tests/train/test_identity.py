@@ -110,6 +110,41 @@ def test_data_of_another_tokenizer_is_refused_on_resume_and_by_eval(tiny_ar_run,
     assert same["code"] == 0 and json.loads(same["out"])["checkpoint"] == str(ckpt)
 
 
+def test_every_model_source_goes_through_one_tokenizer_check(tiny_ar_run, tiny_calm_run, tiny_ae, tiny_data,
+                                                            other_data, tmp_path):
+    """`eval --data` of a Hugging Face export (AR) and of a reference-layout CALM export is refused on data of
+    another tokenizer, as for a run; native -> hf -> native keeps the tokenizer's identity although the export
+    re-serialises tokenizer.json, so eval on the training data is accepted; an autoencoder given as an export
+    holding another tokenizer is refused at the start of a CALM run."""
+    from calm_train.train.frozen_autoencoder import find_autoencoder
+    ar_hf, ar_back, calm_hf, ae_hf = (tmp_path / name for name in ("ar_hf", "ar_native", "calm_hf", "ae_hf"))
+    results = in_one_process(
+        ["convert", str(tiny_ar_run), str(ar_hf), "--to", "hf"],
+        ["convert", str(ar_hf), str(ar_back), "--to", "native"],
+        ["convert", str(tiny_calm_run), str(calm_hf), "--to", "hf"],
+        ["convert", str(tiny_ae), str(ae_hf), "--to", "hf"],
+        ["eval", str(ar_hf), "--data", str(other_data), "--max-tokens", "64"],
+        ["eval", str(calm_hf), "--data", str(other_data), "--max-tokens", "64"],
+        ["eval", str(ar_back), "--data", str(tiny_data), "--max-tokens", "64"],
+        ["eval", str(ar_hf), "--data", str(tiny_data), "--max-tokens", "64"])
+    assert [r["code"] for r in results[:4]] == [0] * 4, [r["err"][-2000:] for r in results[:4]]
+    assert (ar_hf / "tokenizer.json").read_bytes() != (tiny_data / "tokenizer.json").read_bytes()   # re-serialised
+    for model, result in ((ar_hf, results[4]), (calm_hf, results[5])):
+        line = error_line(result)
+        assert f"{other_data} has tokenizer sha256 {sha(other_data)}" in line and f"but {model} was trained with " \
+               f"{sha(tiny_data)}" in line and "Fix:" in line, line
+    for result in results[6:]:
+        assert result["code"] == 0 and json.loads(result["out"])["samples"] == 2, result["err"][-3000:]
+
+    assert find_autoencoder(str(ae_hf)).tokenizer_sha256 == sha(tiny_data)
+    shutil.copy(other_data / "tokenizer.json", ae_hf / "tokenizer.json")        # an export of another tokenizer
+    other, = in_one_process(["train", "tiny_calm", f"run_dir={tmp_path / 'calm'}", f"data.train={tiny_data}",
+                             f"model.autoencoder={ae_hf}", "train.steps=1", "logging.progress=false"])
+    line = error_line(other)
+    assert f"the autoencoder {ae_hf} was trained with tokenizer sha256 {sha(other_data)}" in line, line
+    assert not (tmp_path / "calm" / "checkpoints").exists()
+
+
 def test_a_previous_format_checkpoint_resumes_with_a_warning_and_no_pickle(tiny_ar_run, tiny_data, tmp_path):
     """Format 1: state.json without identity, DeepSpeed's engine/ and rng/rank_N.pt (pickles, here each a payload).
     Its safetensors and JSON carry the run on; a torn last line in metrics.jsonl is dropped with a warning."""
