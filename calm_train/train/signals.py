@@ -4,10 +4,18 @@ The handler only records the request; the loop finishes its current step, all ra
 (any rank's request stops every rank), save, and the process exits with EXIT_REQUEUE (75).
 A second SIGINT does not wait for the save: it raises KeyboardInterrupt where the process is,
 and the run exits with EXIT_ABORTED (130) without writing a checkpoint.
+
+A torchrun worker runs in a session of its own, so nothing reaches it when torchrun itself is killed
+(kill -9, an OOM kill): `watch_launcher` notices that its parent changed and sends the worker SIGTERM,
+which it obeys as above (its ranks agree, save, exit 75), and the relaunch resumes.
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
+import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -35,3 +43,21 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def watch_launcher(poll_s: float = 0.5) -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set): a daemon thread that sends this process SIGTERM once its
+    parent, the launcher, is gone (this process is then reparented).  Call it first thing: a launcher that
+    dies before it is seen is missed."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        print(f"calm-train train: the launcher (torchrun, pid {launcher}) is gone: stopping as on SIGTERM",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
