@@ -114,3 +114,14 @@ def test_resume_from_a_checkpoint_that_keep_last_then_prunes_keeps_the_requeue_g
     assert [p.name for p in (run / "checkpoints").glob("step_????????")] == [step_name(3)]   # keep_last=1 pruned PATH
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
     assert [r["loss"] for r in metrics(run)[:2]] == [r["loss"] for r in metrics(tiny_ar_run)]
+
+
+def test_a_finished_run_relaunched_says_so_and_writes_nothing(tiny_ar_run, tiny_data, tmp_path):
+    run = tmp_path / "ar"
+    shutil.copytree(tiny_ar_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    [again] = in_one_process(ar_args(run, tiny_data, "train.steps=2"))
+    assert again["code"] == 0, again["err"][-3000:]
+    assert (f"{run} is finished: {run}/checkpoints/{step_name(2)} is at step 2 of train.steps=2 and evaluated; "
+            "nothing to do (raise train.steps to train on)") in again["err"]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before     # no second eval row
