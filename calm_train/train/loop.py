@@ -285,8 +285,9 @@ class Run:
     def count_datasets(self, progress: Progress, sample_ids: torch.Tensor) -> None:
         """Tokens read from each dataset of data.train (a mixture: summed over data-parallel ranks)."""
         names, seq_len = self.loader.names, self.cfg.data.seq_len
-        if len(names) == 1:
-            progress.dataset_tokens = {names[0]: progress.tokens}
+        if len(names) == 1:     # the run's tokens less those read from datasets dropped since (allow_mixture_change)
+            dropped = sum(count for name, count in progress.dataset_tokens.items() if name != names[0])
+            progress.dataset_tokens[names[0]] = progress.tokens - dropped
             return
         counts = torch.tensor(self.loader.count_per_dataset(sample_ids.numpy()), dtype=torch.float64)
         dist.all_reduce(counts)                         # every TP/PP rank of a replica read the same batch
