@@ -6,11 +6,13 @@ A second SIGINT does not wait for the save: it raises KeyboardInterrupt where th
 and the run exits with EXIT_ABORTED (130) without writing a checkpoint.
 
 A torchrun worker runs in a session of its own, so nothing reaches it when torchrun itself is killed
-(kill -9, an OOM kill): `watch_launcher` notices that its parent changed and sends the worker SIGTERM,
-which it obeys as above (its ranks agree, save, exit 75), and the relaunch resumes.
+(kill -9, an OOM kill): `watch_launcher` asks the kernel for SIGTERM when the parent dies (Linux
+prctl(PR_SET_PDEATHSIG)) and, where that is missed, a thread sees its parent change and sends the same
+SIGTERM; the worker obeys it as above (its ranks agree, save, exit 75), and the relaunch resumes.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -45,13 +47,16 @@ class StopRequest:
         self._previous.clear()
 
 
-def watch_launcher(poll_s: float = 0.5) -> None:
-    """Under torchrun (TORCHELASTIC_RUN_ID set): a daemon thread that sends this process SIGTERM once its
-    parent, the launcher, is gone (this process is then reparented).  Call it first thing: a launcher that
-    dies before it is seen is missed."""
+def watch_launcher(poll_s: float = 1.0) -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set): SIGTERM to this process once its parent, the launcher, is gone:
+    from the kernel at once (Linux), and from a daemon thread that polls the parent pid every `poll_s` seconds
+    (this process is reparented).  Call it first thing: a launcher that dies before it is seen is missed."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     launcher = os.getppid()
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
     def watch() -> None:
         while os.getppid() == launcher:
