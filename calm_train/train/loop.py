@@ -127,6 +127,8 @@ class Run:
         if self.warm_start is not None:
             self.warm_start.settle(self.cfg, latest, self.log.event)
         if self.rank == 0:
+            if self.warm_start is not None and latest is None and self.autoencoder_ref is not None:
+                self.warm_start.note_autoencoder(self.autoencoder_ref, self.log.event)
             from calm_train.train.rundir import move_aside, write_run_files
             for path in start.move_aside:
                 move_aside(path, self.log.event)
