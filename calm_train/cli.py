@@ -39,6 +39,10 @@ def _quiet(handler):
 
 
 def _train(args) -> int:
+    from calm_train.train.signals import watch_launcher
+    watch_launcher()             # before the slow imports: torchrun may be killed meanwhile
+    from calm_train.console import quiet_libraries
+    quiet_libraries()
     from calm_train.config import load_config
     from calm_train.train.loop import run_training
     return run_training(load_config(args.config, args.overrides))
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a prepared data directory or URL (calm-train prepare --out DIR)")
 
     p = _add_command(sub, "train", "train an autoencoder, CALM or AR model (resumes from RUN_DIR/checkpoints/latest)",
-                     _train, epilog=_named_configs_epilog())
+                     _train, epilog=_named_configs_epilog(), quiet=False)
     p.add_argument("config", help="a YAML path or a named config (listed below)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.steps=100 parallel.tp=2")

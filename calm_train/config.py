@@ -135,6 +135,7 @@ class TrainConfig:
     profile: str | None = None        # START:END: torch.profiler trace of those steps (rank 0) in RUN_DIR/profile/
     remote_checkpoints: str | None = None  # s3://BUCKET/PREFIX: every complete checkpoint mirrored there (background)
     async_save: bool = False          # save from a host-memory copy in a background thread; the next save waits
+    allow_mixture_change: bool = False  # resume with other data.train weights or datasets than the checkpoint's
 
 
 @dataclass

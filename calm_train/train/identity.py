@@ -4,7 +4,8 @@ state.json of every checkpoint holds
     "identity": {"model":  sha256[:16] of the model config, paths and runtime choices excluded (NOT_IDENTITY),
                  "tokenizer_sha256": the data's tokenizer (= RUN_DIR/tokenizer's, written once at the first start),
                  "autoencoder": {"weights_sha256", "tokenizer_sha256" (None: not recorded), "path"} or None,
-                 "init_from": {"path", "weights_sha256"} or None (warm start)}
+                 "init_from": {"path", "weights_sha256"} or None (warm start),
+                 "mixture": {dataset name: share of the samples} of data.train (absent: an older checkpoint)}
 One function per part builds it (`model_hash`, `recorded_tokenizer`, `autoencoder_identity`); `check_*` compare
 and raise one line naming both hashes, the file each came from and the fix.
 """
@@ -49,9 +50,18 @@ def autoencoder_identity(ref) -> dict | None:
     return {"weights_sha256": ref.sha256, "tokenizer_sha256": ref.tokenizer_sha256, "path": str(ref.path)}
 
 
+def mixture_identity(cfg: Config) -> dict:
+    """data.train's datasets by name (tokens/<name>) and their shares of the samples (weights normalised)."""
+    from calm_train.data.mixing import as_sources
+    sources = as_sources(cfg.data.train)
+    total = sum(s.weight for s in sources)
+    return {s.name: round(s.weight / total, 12) for s in sources}
+
+
 def run_identity(cfg: Config, tokenizer_sha256: str, autoencoder_ref=None) -> dict:
     return {"model": model_hash(cfg.model), "tokenizer_sha256": tokenizer_sha256,
-            "autoencoder": autoencoder_identity(autoencoder_ref), "init_from": init_from_record(cfg)}
+            "autoencoder": autoencoder_identity(autoencoder_ref), "init_from": init_from_record(cfg),
+            "mixture": mixture_identity(cfg)}
 
 
 def saved_identity(ckpt: pathlib.Path, state: dict, log) -> dict:
@@ -95,6 +105,16 @@ def check_resume(saved: dict, ours: dict, ckpt: pathlib.Path, cfg: Config, data_
             f"(then at {before['path']}, recorded in {state}) but model.autoencoder={cfg.model.autoencoder} has "
             f"weights sha256 {now['weights_sha256']} ({now['path']}): it was retrained or replaced. Fix: point "
             "model.autoencoder at the autoencoder this run was trained with, or use a new run_dir")
+    before, now = saved.get("mixture"), ours["mixture"]
+    if before is not None and before != now and not cfg.train.allow_mixture_change:
+        raise IdentityError(
+            f"{ckpt} was trained on the mixture {_shares(before)} ({state}) but data.train is {_shares(now)}: the "
+            "run would go on with other data shares. Fix: restore data.train, or set train.allow_mixture_change=true "
+            "to go on with the new mixture from here")
+
+
+def _shares(mixture: dict) -> str:
+    return ", ".join(f"{name}@{share:.4g}" for name, share in mixture.items())
 
 
 def check_val_tokenizer(cfg: Config, data_dir: pathlib.Path, tokenizer_sha256: str) -> None:

@@ -3,9 +3,9 @@
 Order: validate and check inputs (data, frozen autoencoder) -> process groups -> take RUN_DIR/.lock
 (train/lock.py) -> verify shards, choose the checkpoint to resume from (train/rundir.py), compare the
 run's identity (train/identity.py), write config.yaml and, at the first start, tokenizer/ -> engine ->
-resume -> steps (log, evaluate, save, obey signals) -> final save and evaluation.  Exit 0 when done,
-75 after a signal- or wall-clock-triggered save, 130 after a second SIGINT; the lock is released on
-every exit path.
+resume -> steps (log, evaluate, save, obey signals) -> final save and evaluation.  Exit 0 when done (a
+finished run relaunched: at once, one line, nothing written), 75 after a signal- or wall-clock-triggered
+save, 130 after a second SIGINT; the lock is released on every exit path.
 """
 from __future__ import annotations
 
@@ -101,6 +101,7 @@ class Run:
         self.lock = RunLock(self.run_dir, cfg.train.lock_timeout, log=self.log.event)
         self.data_dir = mixture_tokenizer(cfg.data.train)[1]    # the (first) dataset: its tokenizer is the run's
         self.resume_from: str | None = None      # the train.resume_from choice this run descends from
+        self.finished = ""                       # why there is nothing to do: the run is done
         self.save_stall: dict = {}               # how long the last save blocked training: the next metrics row
         self.profiler = None
 
@@ -110,19 +111,24 @@ class Run:
         from; every rank settles the warm start; rank 0 moves aside what the start leaves behind and writes
         config.yaml and (at the first start) tokenizer/.  An error stops every rank; nothing is written before
         every check has passed."""
-        start, error = None, ""
+        start, finished, error = None, "", ""
         if self.rank == 0:
             try:
                 start = self._choose_start()
+                finished = self._finished(start)
             except UserError as err:
                 error = str(err)
-        error, latest, self.resume_from = broadcast_object(
-            (error, *((start.checkpoint, start.resume_from) if start else (None, None))))
+        error, latest, self.resume_from, self.finished = broadcast_object(
+            (error, *((start.checkpoint, start.resume_from) if start else (None, None)), finished))
         if error:
             raise UserError(error)
+        if self.finished:
+            return latest
         if self.warm_start is not None:
             self.warm_start.settle(self.cfg, latest, self.log.event)
         if self.rank == 0:
+            if self.warm_start is not None and latest is None and self.autoencoder_ref is not None:
+                self.warm_start.note_autoencoder(self.autoencoder_ref, self.log.event)
             from calm_train.train.rundir import move_aside, write_run_files
             for path in start.move_aside:
                 move_aside(path, self.log.event)
@@ -155,6 +161,21 @@ class Run:
         if self.run_dir / "tokenizer" not in start.move_aside:
             identity.check_run_tokenizer(self.run_dir, self.data_dir, tokenizer)
         return start
+
+    def _finished(self, start) -> str:
+        """Rank 0: why this launch has nothing to do (its checkpoint reached train.steps and was evaluated), or ""."""
+        from calm_train.train.evaluate import validation_source
+        from calm_train.train.logbook import read_jsonl
+        from calm_train.train.rundir import read_state
+        if start.checkpoint is None or start.move_aside:
+            return ""
+        step = read_state(start.checkpoint)["progress"]["step"]
+        evaluated = validation_source(self.cfg) is None or any(
+            row.get("step") == step for row in read_jsonl(self.log.eval_path, self.log.event))
+        if step < self.cfg.train.steps or not evaluated:
+            return ""
+        return (f"{self.run_dir} is finished: {start.checkpoint} is at step {step} of train.steps="
+                f"{self.cfg.train.steps} and evaluated; nothing to do (raise train.steps to train on)")
 
     def run_identity(self) -> dict:
         return identity.run_identity(self.cfg, self.info.tokenizer_sha256, self.autoencoder_ref)
@@ -268,8 +289,9 @@ class Run:
     def count_datasets(self, progress: Progress, sample_ids: torch.Tensor) -> None:
         """Tokens read from each dataset of data.train (a mixture: summed over data-parallel ranks)."""
         names, seq_len = self.loader.names, self.cfg.data.seq_len
-        if len(names) == 1:
-            progress.dataset_tokens = {names[0]: progress.tokens}
+        if len(names) == 1:     # the run's tokens less those read from datasets dropped since (allow_mixture_change)
+            dropped = sum(count for name, count in progress.dataset_tokens.items() if name != names[0])
+            progress.dataset_tokens[names[0]] = progress.tokens - dropped
             return
         counts = torch.tensor(self.loader.count_per_dataset(sample_ids.numpy()), dtype=torch.float64)
         dist.all_reduce(counts)                         # every TP/PP rank of a replica read the same batch
@@ -301,6 +323,9 @@ class Run:
         stop = StopRequest().install()   # a signal from here on is obeyed after the next step
         try:
             latest = self.preflight()
+            if self.finished:
+                self.log.event(self.finished)
+                return EXIT_DONE
             self.build()
             progress = self.resume(latest)
             self.log.resume_at(progress.step)

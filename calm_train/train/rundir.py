@@ -9,7 +9,8 @@
     PATH      resume from the named checkpoint (verified; a URL is downloaded first); this run's checkpoints
               of later steps are moved aside.
 The choice is recorded in state.json ("resume_from") of every checkpoint that descends from it, so a
-relaunch of the same command (a requeued job) continues the run instead of applying it again.
+relaunch of the same command (a requeued job) continues the run instead of applying it again, and no
+longer needs PATH (train.keep_last may have pruned it).
 `choose_start` decides without changing anything; what it moves aside is moved only once every other
 check of the launch (identity, tokenizer) has passed.
 """
@@ -93,15 +94,24 @@ def choose_start(manager, resume_from: str, log) -> Start:
             return continued
         names = ("checkpoints", "metrics.jsonl", "eval.jsonl", "tensorboard", "tokenizer")
         return Start(None, SCRATCH, [run_dir / name for name in names if (run_dir / name).exists()])
+    # a checkpoint PATH or URL that this run already descends from is not read again: train.keep_last may have
+    # pruned it, or the bucket deleted it, and the run's own newer checkpoint holds everything
+    named = resume_from if is_url(resume_from) else str(pathlib.Path(resume_from).resolve())
+    if intact is not None and descends_from == named:
+        return _descends(continued, resume_from, log)
     ckpt = resolve_checkpoint(fetch_checkpoint(resume_from))
     step = verify_checkpoint(ckpt, hashes=True)["step"]
     read_state(ckpt)
     key = resume_from if is_url(resume_from) else str(ckpt.resolve())
-    if intact is not None and intact.resolve() != ckpt.resolve() and descends_from == key:
-        log(f"train.resume_from={resume_from}: {intact} descends from it (an earlier launch of this command); "
-            "resuming from it")
-        return continued
+    if intact is not None and intact.resolve() != ckpt.resolve() and descends_from == key:   # PATH: a run directory
+        return _descends(continued, resume_from, log)
     return Start(ckpt, key, _later(root, step, ckpt))
+
+
+def _descends(continued: Start, resume_from: str, log) -> Start:
+    log(f"train.resume_from={resume_from}: {continued.checkpoint} descends from it (an earlier launch of this "
+        "command); resuming from it")
+    return continued
 
 
 def write_run_files(run_dir: pathlib.Path, config_yaml: str, data_dir, tokenizer_files: list[str]) -> None:

@@ -109,6 +109,19 @@ class WarmStart:
         log(f"warm start from {cfg.model.init_from} ({self.source.layout} layout, weights sha256 "
             f"{cfg.model.init_from_sha256[:16]}...): step 0, fresh optimizer")
 
+    def note_autoencoder(self, ref, log) -> None:
+        """A CALM warm start against another frozen autoencoder than the source's: one line, since the source's
+        backbone and head were fitted to the latents of its own."""
+        from calm_train.train.frozen_autoencoder import find_autoencoder
+        try:
+            source = find_autoencoder(self.spec)
+        except UserError:                      # the source does not carry its autoencoder: nothing to compare
+            return
+        if source.sha256 != ref.sha256:
+            log(f"note: {KEY}={self.spec} was trained against the autoencoder with weights sha256 "
+                f"{source.sha256[:16]}... ({source.weights}), this run's model.autoencoder={ref.path} has "
+                f"{ref.sha256[:16]}...: the warm start begins on other latents than its source's")
+
     def take_state(self) -> dict | None:
         """The full state dict for Task.init_state, handed over once (the engine keeps no copy)."""
         state, self.state = self.state, None

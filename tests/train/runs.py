@@ -4,12 +4,15 @@ One process: `calm_train(...)` runs to the end, `start(...)` returns the Popen. 
 a session of its own, its output in a log file: `torchrun --standalone` for N > 1 processes, else plain
 `python -m calm_train`.  `Job.kill_all()` is kill -9 of torchrun and of every rank (torchrun starts each
 rank in a session of its own, so killing torchrun's process group alone would leave the ranks running),
-`Job.signal_ranks()` signals every rank as Slurm does.  Comparisons: `trajectory` (metrics lines) and
+`Job.signal_ranks()` signals every rank as Slurm does, `Job.kill_launcher()` is kill -9 of torchrun alone and
+returns the exit codes of the ranks it leaves behind.  Comparisons: `trajectory` (metrics lines) and
 `final_weights` (model.safetensors).  `in_one_process` runs several commands through `calm_train.cli.main` in
 one fresh process (the imports are paid once); `rehash` makes a checkpoint's manifest match a changed file.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import pathlib
@@ -221,6 +224,38 @@ class Job:
     def signal_ranks(self, sig: signal.Signals) -> None:
         for pid in self.rank_pids():
             os.kill(pid, sig)
+
+    def kill_launcher(self, timeout: float = 120) -> tuple[list[int], float]:
+        """kill -9 of torchrun alone, its ranks left running (reparented to this process, a child subreaper
+        meanwhile, so their exit codes can be read); (every rank's exit code, seconds until the last exited)."""
+        ranks = self.rank_pids()
+        with child_subreaper():
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=60)
+            killed, codes = time.monotonic(), {}
+            while len(codes) < len(ranks):
+                if time.monotonic() - killed > timeout:
+                    self.kill_all()
+                    raise AssertionError(f"ranks still run {timeout}s after torchrun died:\n{self.output()[-4000:]}")
+                for pid in set(ranks) - codes.keys():
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done == pid:
+                        codes[pid] = os.waitstatus_to_exitcode(status)
+                time.sleep(0.02)
+            return [codes[pid] for pid in ranks], time.monotonic() - killed
+
+
+@contextlib.contextmanager
+def child_subreaper():
+    """While the block runs, orphaned descendants of this process are reparented to it (Linux prctl), not to init."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    PR_SET_CHILD_SUBREAPER = 36
+    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    try:
+        yield
+    finally:
+        prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def wait_gone(pid: int, timeout: float = 60) -> None:

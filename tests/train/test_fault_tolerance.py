@@ -130,6 +130,28 @@ def test_dp_zero2_kill9_twice_then_sigusr1_resumes_bit_exactly(dp_reference, tin
     assert_equals_reference(run, dp_reference)
 
 
+def test_kill9_of_torchrun_alone_stops_both_ranks_with_a_checkpoint_then_resumes_bit_exactly(
+        dp_reference, tiny_data, autoencoder, tmp_path):
+    """The ranks run in sessions of their own, so nothing reaches them when torchrun is killed: each sees its
+    parent change and stops as on SIGTERM (save, exit 75) within seconds; the same command then resumes."""
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    args = layout_args("dp2_zero2", run, tiny_data, autoencoder)
+    job = Job(2, args, log)
+    job.wait_for_step(run, 4)
+    codes, seconds = job.kill_launcher()
+    out = job.output()
+    assert codes == [REQUEUE, REQUEUE], (codes, out[-3000:])
+    assert seconds < 30, seconds
+    assert f"the launcher (torchrun, pid {job.proc.pid}) is gone: stopping as on SIGTERM" in out, out[-3000:]
+    saved = re.findall(r"SIGTERM: checkpoint saved at step (\d+); exit 75", out)
+    assert saved and 4 <= int(saved[0]) == newest_step(run) < STEPS, (saved, out[-3000:])
+    assert not (run / ".lock").exists()
+
+    job = run_to_end(args, log)
+    assert f"resumed from {run / 'checkpoints' / step_name(int(saved[0]))} at step" in job.output()
+    assert_equals_reference(run, dp_reference)
+
+
 def test_pp2_kill9_twice_then_wallclock_limit_resumes_bit_exactly(pp_reference, tiny_data, autoencoder, tmp_path):
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
     args = layout_args("pp2", run, tiny_data, autoencoder)

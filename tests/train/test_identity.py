@@ -179,3 +179,33 @@ def test_a_previous_format_checkpoint_resumes_with_a_warning_and_no_pickle(tiny_
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
     resumed = json.loads((run / "checkpoints" / step_name(3) / "state.json").read_text())
     assert resumed["identity"]["tokenizer_sha256"] == sha(tiny_data) and resumed["engine"]["global_steps"] == 3
+
+
+def test_a_changed_mixture_is_refused_on_resume_unless_allowed_and_a_dropped_dataset_keeps_its_count(
+        tiny_ar_run, tiny_data, tiny_corpus, tmp_path):
+    run, second = tmp_path / "ar", tmp_path / "second"
+    shutil.copytree(tiny_ar_run, run)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(tiny_corpus.read_text().splitlines(keepends=True)[-20:]))
+    args = ["train", "tiny_ar", f"run_dir={run}", "logging.progress=false"]
+    mixed = [*args, f"data.train={tiny_data}@0.5,{second}@0.5", "train.steps=3"]
+    prepared, refused, allowed, dropped = in_one_process(
+        ["prepare", "--input", str(docs), "--tokenizer", str(tiny_data / "tokenizer.json"), "--out", str(second),
+         "--seq-len", "32", "--patch-size", "4", "--val-fraction", "0.1"],
+        mixed, [*mixed, "train.allow_mixture_change=true"],
+        [*args, f"data.train={tiny_data}", "train.steps=4", "train.allow_mixture_change=true"])
+
+    assert prepared["code"] == 0, prepared["err"][-3000:]
+    assert refused["code"] == 1, refused["err"][-3000:]
+    line = refused["err"].strip().splitlines()[-1]
+    latest = run / "checkpoints" / step_name(2)
+    assert line == (f"calm-train train: error: {latest} was trained on the mixture tiny@1 ({latest}/state.json) but "
+                    "data.train is tiny@0.5, second@0.5: the run would go on with other data shares. Fix: restore "
+                    "data.train, or set train.allow_mixture_change=true to go on with the new mixture from here"), line
+    assert allowed["code"] == 0, allowed["err"][-3000:]
+    assert dropped["code"] == 0, dropped["err"][-3000:]
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["tokens/tiny"] + rows[2]["tokens/second"] == rows[2]["tokens"]
+    assert rows[3]["tokens/second"] == rows[2]["tokens/second"] > 0                 # dropped: read no more
+    assert rows[3]["tokens/tiny"] == rows[3]["tokens"] - rows[3]["tokens/second"] < rows[3]["tokens"]

@@ -93,3 +93,35 @@ def test_resume_from_a_named_checkpoint_truncates_history_and_is_applied_once(ti
     assert relaunched["code"] == 0, relaunched["err"][-3000:]
     assert f"{run}/checkpoints/{step_name(2)} descends from it" in relaunched["err"]
     assert aside(run / "checkpoints" / step_name(2)) == [moved] and len(metrics(run)) == 2
+
+
+def test_resume_from_a_checkpoint_that_keep_last_then_prunes_keeps_the_requeue_going(tiny_ar_run, tiny_data, tmp_path):
+    """The same command, requeued (train.max_wallclock: each launch trains one step, saves, exits 75): once the
+    run saved its own checkpoint, train.resume_from=PATH is satisfied and PATH, pruned meanwhile, is not needed."""
+    run = tmp_path / "ar"
+    shutil.copytree(tiny_ar_run, run)
+    named = run / "checkpoints" / step_name(1)
+    args = ar_args(run, tiny_data, "train.steps=4", "train.keep_last=1", "train.max_wallclock=0.001",
+                   f"train.resume_from={named}")
+    first, requeued = in_one_process(args, args)
+
+    assert first["code"] == 75, first["err"][-3000:]
+    assert f"resumed from {named} at step 1" in first["err"]
+    assert "checkpoint saved at step 2; exit 75" in first["err"]
+    assert requeued["code"] == 75, requeued["err"][-3000:]
+    assert f"train.resume_from={named}: {run}/checkpoints/{step_name(2)} descends from it" in requeued["err"]
+    assert f"resumed from {run}/checkpoints/{step_name(2)} at step 2" in requeued["err"]
+    assert [p.name for p in (run / "checkpoints").glob("step_????????")] == [step_name(3)]   # keep_last=1 pruned PATH
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+    assert [r["loss"] for r in metrics(run)[:2]] == [r["loss"] for r in metrics(tiny_ar_run)]
+
+
+def test_a_finished_run_relaunched_says_so_and_writes_nothing(tiny_ar_run, tiny_data, tmp_path):
+    run = tmp_path / "ar"
+    shutil.copytree(tiny_ar_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    [again] = in_one_process(ar_args(run, tiny_data, "train.steps=2"))
+    assert again["code"] == 0, again["err"][-3000:]
+    assert (f"{run} is finished: {run}/checkpoints/{step_name(2)} is at step 2 of train.steps=2 and evaluated; "
+            "nothing to do (raise train.steps to train on)") in again["err"]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before     # no second eval row

@@ -5,6 +5,7 @@ recorded, ignored once the run has its own checkpoint, refused with one line whe
 start equals the 1-process one; `eval` reads the exported directory."""
 import json
 import pathlib
+import shutil
 import sys
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "convert"))
 import reference_layout as ref  # noqa: E402
-from runs import Job, calm_train, final_weights, metrics  # noqa: E402
+from runs import Job, calm_train, final_weights, in_one_process, metrics, rehash  # noqa: E402
 
 SEED = 1234                           # train.seed of the tiny configs
 TINY_CALM = ref.Sizes(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=4, head_blocks=2, noise=16, latent=16,
@@ -225,3 +226,23 @@ def test_a_source_with_another_vocabulary_is_refused(ar_export, tiny_data, tmp_p
     (other / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))
     err = refused(capsys, tmp_path / "r", "tiny_ar", f"data.train={tiny_data}", f"model.init_from={other}")
     assert "has a vocabulary of 300 but the data" in err
+
+
+def test_a_calm_warm_start_against_another_autoencoder_than_its_sources_says_so(tiny_calm_run, tiny_ae, tiny_data,
+                                                                                tmp_path):
+    from safetensors.torch import load_file, save_file
+    other = tmp_path / "other_ae"
+    shutil.copytree(tiny_ae, other)
+    ckpt = other / "checkpoints" / "step_00000002"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(ckpt / "model.safetensors"))
+    rehash(ckpt, "model.safetensors")
+    args = ["train", "tiny_calm", f"data.train={tiny_data}", f"model.init_from={tiny_calm_run}", "train.steps=1",
+            "logging.progress=false"]
+    same, foreign = in_one_process([*args, f"run_dir={tmp_path / 'same'}", f"model.autoencoder={tiny_ae}"],
+                                   [*args, f"run_dir={tmp_path / 'foreign'}", f"model.autoencoder={other}"])
+    assert same["code"] == 0 and foreign["code"] == 0, (same["err"][-3000:], foreign["err"][-3000:])
+    assert "was trained against the autoencoder" not in same["err"]
+    [note] = [line for line in foreign["err"].splitlines() if "was trained against the autoencoder" in line]
+    assert f"note: model.init_from={tiny_calm_run} was trained against the autoencoder" in note, note
+    assert f"model.autoencoder={ckpt}" in note and "other latents than its source's" in note, note
