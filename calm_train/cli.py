@@ -46,13 +46,13 @@ def _train(args) -> int:
 
 def _config(args) -> int:
     from calm_train.config import load_config, to_yaml
-    from calm_train.errors import user_errors
+    from calm_train.errors import UserError
     cfg = load_config(args.config, args.overrides)
     if cfg.data.train:
         from calm_train.train.loop import resolve_data
         try:
             resolve_data(cfg)
-        except user_errors() as err:
+        except UserError as err:
             print(f"calm-train config: note: vocab_size and seq_len not taken from the data ({err})", file=sys.stderr)
     print(to_yaml(cfg), end="")
     return 0
@@ -86,6 +86,8 @@ def _convert(args) -> int:
 
 def _demo(args) -> int:
     from calm_train.demo import run_demo
+    from calm_train.storage.url import local_only
+    local_only(args.out, "--out", "write the demo to a local directory")
     return run_demo(args.out)
 
 
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add_command(sub, "verify-data", "check every shard against index.json and dataset.json", _verify,
                      quiet=False)
-    p.add_argument("dir", help="a prepared data directory (calm-train prepare --out DIR)")
+    p.add_argument("dir", help="a prepared data directory or URL (calm-train prepare --out DIR)")
 
     p = _add_command(sub, "train", "train an autoencoder, CALM or AR model (resumes from RUN_DIR/checkpoints/latest)",
                      _train, epilog=_named_configs_epilog())
@@ -148,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a YAML path or a named config (listed below)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for train")
 
-    checkpoint_help = "a run directory (its latest checkpoint), a checkpoint directory or an exported directory"
+    checkpoint_help = ("a run directory (its latest checkpoint), a checkpoint directory or an exported directory, "
+                       "or the URL of a run's train.remote_checkpoints (or of one checkpoint there)")
     p = _add_command(sub, "eval", "BrierLM (CALM, AR) or reconstruction accuracy (autoencoder); prints one JSON "
                      "object on stdout", _eval)
     p.add_argument("checkpoint", help=checkpoint_help)

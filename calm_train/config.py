@@ -94,7 +94,7 @@ class ParallelConfig:
     pp: int = 1
     zero_stage: int = 1
     sequence_parallel: bool = False
-    ds_config: str | None = None      # a JSON path or a name in calm_train/ds_configs/; None: chosen from zero_stage/pp
+    ds_config: str | None = None      # a JSON path or a name in ds_configs/; None: chosen from zero_stage/pp
     offload: bool = False             # ZeRO-Offload of optimizer state to CPU
 
 
@@ -127,6 +127,8 @@ class TrainConfig:
     lock_timeout: float = 600.0       # seconds without a heartbeat after which RUN_DIR/.lock counts as stale
     peak_flops: float = 0.0           # per-device peak FLOP/s for MFU; 0: the device's spec peak, else measured
     profile: str | None = None        # START:END: torch.profiler trace of those steps (rank 0) in RUN_DIR/profile/
+    remote_checkpoints: str | None = None  # s3://BUCKET/PREFIX: every complete checkpoint mirrored there (background)
+    async_save: bool = False          # save from a host-memory copy in a background thread; the next save waits
 
 
 @dataclass
@@ -145,6 +147,11 @@ class DataConfig:
     val: str | None = None            # None: the `val` split of data.train when it has one
     seq_len: int | None = None        # None: from dataset.json
     num_workers: int = 0
+    # each dataset may be a URL (s3://BUCKET/PREFIX, gs://, ...): streaming downloads its shards into the cache
+    cache_dir: str | None = None      # local shard cache (per job); None: calm_train_data under the system temp dir
+    download_retry: int = 2           # streaming: retries of a shard download
+    download_timeout: float = 60.0    # streaming: seconds for one shard download
+    cache_limit: str | None = None    # streaming: e.g. 10gb; shards beyond it are evicted (None: keep every shard)
 
     def __post_init__(self):
         if isinstance(self.train, str) and SHORT_MIXTURE.fullmatch(self.train):
@@ -393,7 +400,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                f"{d.seq_len} is not a positive multiple of model.patch_size={m.patch_size}",
                f"use a multiple of {m.patch_size}, e.g. {max(1, (d.seq_len or 0) // m.patch_size) * m.patch_size}")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0", "use 0 or more loader workers")
+    _check(d.download_retry >= 0 and d.download_timeout > 0, "data.download_timeout",
+           f"download_retry={d.download_retry} must be >= 0 and download_timeout={d.download_timeout} > 0",
+           "use the defaults (2 retries, 60 s)")
     _validate_mixture(d.train)
+    _validate_urls(cfg)
 
     sizes = {"model.ae.hidden_size": m.ae.hidden_size, "model.ae.intermediate_size": m.ae.intermediate_size,
              "model.ae.latent_size": m.ae.latent_size}
@@ -544,6 +555,25 @@ def _validate_mixture(train) -> None:
                f"and {source.path}); the name keys the metrics tokens/<name>",
                "give each a distinct `name:` in the YAML list form, or rename a directory")
         seen[source.name] = source.path
+
+
+def _validate_urls(cfg: Config) -> None:
+    """A URL where a local directory is needed, or one that no installed client reads, names the key (storage/url.py)."""
+    from calm_train.storage.url import is_url, local_only, require_client
+    local_only(cfg.run_dir, "config key 'run_dir':", "set run_dir=DIR (local or a shared file system) and "
+               "train.remote_checkpoints=URL to mirror its checkpoints to the bucket")
+    local_only(cfg.data.cache_dir, "config key 'data.cache_dir':", "give a local directory for the shard cache")
+    train = [s.path for s in data_sources(cfg.data.train)] if cfg.data.train else []
+    for key, value in ([("data.train", path) for path in train] + [("data.val", cfg.data.val),
+                       ("model.autoencoder", cfg.model.autoencoder), ("model.init_from", cfg.model.init_from),
+                       ("train.resume_from", cfg.train.resume_from)]):
+        if is_url(value):
+            require_client(value, f"config key '{key}':")
+    remote = cfg.train.remote_checkpoints
+    if remote:
+        _check(is_url(remote), "train.remote_checkpoints", f"'{remote}' is not an object-store URL",
+               "give s3://BUCKET/PREFIX (the run directory itself holds the local checkpoints)")
+        require_client(remote, "config key 'train.remote_checkpoints':", write=True)
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

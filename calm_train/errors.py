@@ -8,13 +8,9 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
 
 
 class UserError(Exception):
-    """Bad input (file, checkpoint, data or config); the message names the file or key and the fix."""
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Every exception type that carries a user-fixable message (printed without a traceback)."""
-    from calm_train.data.dataset_info import DataError
-    return (UserError, DataError)
+    """Bad input (file, checkpoint, data or config); the message names the file or key and the fix.  Every
+    error a user can fix derives from it (data's DataError, convert's CheckpointError, ...), so it is
+    printed in one line without a traceback."""
 
 
 def run_command(command: str, func, *args) -> int:
@@ -23,7 +19,7 @@ def run_command(command: str, func, *args) -> int:
     permissions, a full disk); 70 and the traceback for anything else, which is a bug."""
     try:
         return int(func(*args) or 0)
-    except user_errors() as err:
+    except UserError as err:
         message = str(err)
     except OSError as err:
         message = f"{err}. Fix: check that path (it exists, its permissions, free space)"

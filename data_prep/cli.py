@@ -9,18 +9,22 @@ The merged directory holds the same samples, byte for byte, as the single-proces
 cannot be trained per task: train it once with --tokenizer-only and pass DIR/tokenizer.json to the tasks.
 Nothing is written into --out before the output is complete (data_prep.staging): a previous output
 stays intact until the new one replaces it, and a directory of other files is refused.
+--out s3://BUCKET/PREFIX prepares in a local staging directory and uploads the finished output,
+dataset.json last: readers need dataset.json, so a half-uploaded dataset is never taken.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
+import shutil
 import sys
 import time
 
 from calm_train.data.dataset_info import DataError
 from calm_train.data.tokenizer import load_tokenizer
 from calm_train.errors import positive_int, run_command
+from calm_train.storage.url import is_url, require_client
 from data_prep.bpe import parse_train_spec, train_bpe
 from data_prep.encode import Settings, run_task
 from data_prep.sources import expand_inputs
@@ -36,7 +40,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", metavar="SPEC",
                         help="a tokenizer.json, a tiktoken BPE file (e.g. Llama 3 tokenizer.model with its "
                              "tokenizer_config.json beside it), or train:VOCAB (byte-level BPE on the input)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="prepared data directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="prepared data directory, or s3://BUCKET/PREFIX "
+                        "(prepared locally, then uploaded with dataset.json last)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sample, a multiple of K")
     parser.add_argument("--patch-size", type=int, default=4, help="K: documents start at multiples of K")
     parser.add_argument("--val-fraction", type=float, default=None,
@@ -57,7 +62,35 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """The prepare command; bad arguments or input raise DataError (exit 1 in the CLI)."""
+    """The prepare command; bad arguments or input raise DataError (exit 1 in the CLI).  Prints one JSON line."""
+    summary = prepare_to_url(args) if is_url(args.out) else prepare_here(args)
+    print(json.dumps(summary))
+    return 0
+
+
+def prepare_to_url(args: argparse.Namespace) -> dict:
+    """--out URL: prepared in a local staging directory, then uploaded (data/remote.py: dataset.json last)."""
+    from calm_train.data.remote import upload_prepared
+    from calm_train.storage import objects
+    url = args.out.rstrip("/")
+    require_client(url, "--out", write=True)
+    if args.merge or args.tokenizer_only or args.shard_index is not None or args.num_shards is not None:
+        raise DataError(f"--out {url}: array tasks, --merge and --tokenizer-only write to a directory that every task "
+                        "shares. Fix: run them with a local (shared) --out DIR, or prepare in one process to the URL")
+    objects.check_writable(url)                 # a missing bucket or a denied request stops before any work
+    local = objects.cache_dir("prepare", url) / url.rsplit("/", 1)[-1]
+    shutil.rmtree(local.parent, ignore_errors=True)     # our own leftover of an interrupted prepare
+    try:
+        summary = prepare_here(argparse.Namespace(**{**vars(args), "out": str(local), "overwrite": False}))
+        start = time.time()
+        uploaded = upload_prepared(local, url, lambda m: print(f"calm-train prepare: {m}", file=sys.stderr))
+    finally:
+        shutil.rmtree(local.parent, ignore_errors=True)
+    return {**summary, "out": url, "uploaded_mb": round(uploaded / 1e6, 3), "upload_s": round(time.time() - start, 2)}
+
+
+def prepare_here(args: argparse.Namespace) -> dict:
+    """Prepare into the local --out; the summary printed as JSON."""
     stage = Staging(args.out)
     stage.recover()
     start = time.time()
@@ -65,8 +98,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         stage.check(args.overwrite)
         info = merge(stage.root, stage.begin(), workers=args.workers)
         stage.commit()
-        print(json.dumps({"out": args.out, "splits": info.splits, "wall_s": round(time.time() - start, 2)}))
-        return 0
+        return {"out": args.out, "splits": info.splits, "wall_s": round(time.time() - start, 2)}
     if not args.input or not args.tokenizer:
         raise DataError("--input and --tokenizer are required (except with --merge)")
     if args.seq_len < 1 or args.patch_size < 1 or args.seq_len % args.patch_size:
@@ -96,9 +128,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     if args.tokenizer_only:
         tokenizer.save(new)
         stage.commit()
-        print(json.dumps({"tokenizer": str(pathlib.Path(args.out) / tokenizer.main),
-                          "vocab_size": tokenizer.vocab_size}))
-        return 0
+        return {"tokenizer": str(pathlib.Path(args.out) / tokenizer.main), "vocab_size": tokenizer.vocab_size}
 
     per_shard = args.samples_per_shard or max(1, SHARD_BYTES // (4 * args.seq_len))
     settings = Settings(seq_len=args.seq_len, patch_size=args.patch_size, val_fraction=val_fraction,
@@ -108,13 +138,11 @@ def run_prepare(args: argparse.Namespace) -> int:
         stage.clear_work()                          # a single process is the whole array: no other task's work
     run_task(stage.root, settings, tokenizer, index, args.workers)
     if array:
-        print(json.dumps({"task": index, "num_shards": num_shards, "wall_s": round(time.time() - start, 2)}))
-        return 0
+        return {"task": index, "num_shards": num_shards, "wall_s": round(time.time() - start, 2)}
     info = merge(stage.root, new, workers=args.workers, tokenizer=tokenizer)
     stage.commit()
-    print(json.dumps({"out": args.out, "splits": info.splits, "documents": info.documents,
-                      "text_mb": round(info.text_bytes / 1e6, 3), "wall_s": round(time.time() - start, 2)}))
-    return 0
+    return {"out": args.out, "splits": info.splits, "documents": info.documents,
+            "text_mb": round(info.text_bytes / 1e6, 3), "wall_s": round(time.time() - start, 2)}
 
 
 def main(argv=None) -> int:

@@ -42,3 +42,29 @@ def tiny_data(tiny_corpus, tmp_path_factory) -> pathlib.Path:
     assert main(["prepare", "--input", str(tiny_corpus), "--tokenizer", "train:512", "--out", str(out),
                  "--seq-len", "32", "--patch-size", "4", "--val-fraction", "0.1"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ae(tiny_data, tmp_path_factory) -> pathlib.Path:
+    """A 2-step autoencoder run: a fixed frozen autoencoder for CALM (its quality does not matter)."""
+    import subprocess
+    import sys
+    run = tmp_path_factory.mktemp("shared") / "ae"
+    proc = subprocess.run([sys.executable, "-m", "calm_train", "train", "tiny_autoencoder", f"run_dir={run}",
+                           f"data.train={tiny_data}", "train.steps=2", "logging.progress=false"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One S3-compatible server on 127.0.0.1 for the session (tests/storage/s3server.py); the environment of
+    this process and of every calm-train it launches points at it, and CALM_TRAIN_CACHE at a private cache."""
+    import sys
+    sys.path.insert(0, str(REPO / "tests" / "storage"))
+    from s3server import start_session_server
+    os.environ["CALM_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("calm_train_cache"))
+    server = start_session_server()
+    yield server
+    server.stop()

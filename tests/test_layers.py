@@ -6,7 +6,7 @@
     convert            file formats (native checkpoint, reference release, Hugging Face)
     models             the math
     data, data_prep    prepared data, tokenizers, preparation
-    config, errors, files
+    config, errors, files, storage   (storage: URLs and objects; what is stored lives with its format)
 """
 import ast
 import pathlib
@@ -14,8 +14,12 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BASE = {"calm_train.config", "calm_train.errors", "calm_train.files"}
+BASE = {"calm_train.config", "calm_train.errors", "calm_train.files", "calm_train.storage"}
 ALLOWED = {
+    "calm_train.errors": set(),
+    "calm_train.files": {"calm_train.errors"},
+    "calm_train.storage": {"calm_train.errors", "calm_train.storage"},
+    "calm_train.config": {"calm_train.errors", "calm_train.storage"},
     "calm_train.models": BASE | {"calm_train.models"},
     "calm_train.data": BASE | {"calm_train.data"},
     "data_prep": BASE | {"calm_train.data", "data_prep"},

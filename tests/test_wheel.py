@@ -1,4 +1,5 @@
-"""`pip install .` (not editable) trains: the wheel carries the named configs and the DeepSpeed presets.
+"""`pip install .` (not editable) trains: the wheel carries every package, the named configs and the DeepSpeed
+presets (whose one copy is the checkout's top-level ds_configs/, installed as calm_train/ds_configs/).
 
 The wheel is built (`pip wheel --no-deps`) from a copy of the package sources, since pip builds in place
 and would leave build/ in the checkout.  It is installed with --no-deps into a fresh venv that reaches the
@@ -29,13 +30,17 @@ def test_wheel_installed_in_a_fresh_venv_trains_tiny_ar(tiny_data, tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
-    for package in ("calm_train", "data_prep"):
+    for package in ("calm_train", "data_prep", "ds_configs"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     _run(sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "--no-index",
          "-w", tmp_path / "wheels")
     wheel, = (tmp_path / "wheels").glob("calm_train-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"calm_train/ds_configs/zero1.json", "calm_train/configs/tiny_ar.yaml"} <= set(names)
+    presets = {f"calm_train/ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json")}
+    packages = {str(p.relative_to(REPO)) for package in ("calm_train", "data_prep")
+                for p in (REPO / package).rglob("__init__.py")}
+    assert {"calm_train/ds_configs/zero1.json", "calm_train/configs/tiny_ar.yaml"} | presets | packages <= set(names), \
+        sorted((presets | packages) - set(names))
 
     venv = tmp_path / "fresh"
     _run(sys.executable, "-m", "venv", "--without-pip", venv)

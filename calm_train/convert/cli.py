@@ -138,6 +138,8 @@ def import_native(src, dst, tp: int = 1, pp: int = 1) -> pathlib.Path:
 
 def run_convert(src, dst, to: str, tp: int = 1, pp: int = 1) -> int:
     """The `convert` command; returns the exit status (UserErrors propagate to the CLI)."""
+    from calm_train.storage.url import local_only
+    local_only(dst, "DST", "write DST to a local directory (SRC may be a URL)")
     if to == "hf":
         if (tp, pp) != (1, 1):
             raise ConvertError(f"--tp {tp} --pp {pp} with --to hf: an exported directory has no parallel layout. "

@@ -61,6 +61,12 @@ def step_of(path: pathlib.Path) -> int:
     return int(STEP_DIR.match(path.name).group(1))
 
 
+def kept_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """The keep policy (train.keep_last, train.keep_every) over complete checkpoints' steps, local or remote."""
+    keep = set(sorted(steps)[-keep_last:])
+    return keep | {s for s in steps if keep_every and s % keep_every == 0}
+
+
 def _unreadable(path: pathlib.Path, what: str, err: Exception) -> CheckpointError:
     return CheckpointError(f"{path} is not a readable {what} ({type(err).__name__}: {str(err)[:200]}). Fix: restore "
                            "the file from a copy, or use another checkpoint")

@@ -7,7 +7,7 @@
 
 Layouts:
   native     a run directory (its latest complete checkpoint) or a checkpoint directory, verified
-             against its manifest (convert/native.py)
+             against its manifest (convert/native.py); or their URL (convert/remote.py)
   llama      a Hugging Face `LlamaForCausalLM` directory: safetensors or pytorch_model.bin (read with
              weights_only=True), sharded or not, any float dtype, GQA, tied or untied output layer
              (tied: `lm_head.weight` absent, or present and equal to the embedding; the native
@@ -92,8 +92,10 @@ class Source:
 
 
 def open_source(spec) -> Source:
-    """A run or checkpoint directory, a Hugging Face Llama directory or a reference-release directory."""
-    path = pathlib.Path(spec)
+    """A run or checkpoint directory, a Hugging Face Llama directory or a reference-release directory; or the URL
+    of a run's or a checkpoint's prefix in a bucket (downloaded into the local cache and verified first)."""
+    from calm_train.convert.remote import fetch_checkpoint
+    path = pathlib.Path(fetch_checkpoint(spec))
     if not path.exists():
         raise ConvertError(f"{path} does not exist. Fix: pass a run directory, a checkpoint directory or an "
                            "exported (Hugging Face-layout) directory")

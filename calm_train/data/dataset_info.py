@@ -1,6 +1,6 @@
 """`dataset.json`: what `calm-train prepare` wrote and what training reads from it.
 
-Layout of a prepared directory:
+Layout of a prepared directory (or of a prefix in a bucket, `s3://BUCKET/PREFIX`: data/remote.py):
     DIR/dataset.json                 this record
     DIR/<tokenizer files>            tokenizer.json, or tokenizer.model + tokenizer_config.json
     DIR/<split>/index.json           MDS index of the split (train, val)
@@ -13,11 +13,14 @@ import json
 import pathlib
 from dataclasses import dataclass, field
 
+from calm_train.errors import UserError
+from calm_train.storage.url import child, is_url
+
 INFO_NAME = "dataset.json"
 FORMAT_VERSION = 1
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """A prepared data directory that cannot be used; the message names the file and the fix."""
 
 
@@ -52,13 +55,28 @@ def write_dataset_info(data_dir, info: DatasetInfo) -> pathlib.Path:
     return path
 
 
+def dataset_dir(data_dir) -> pathlib.Path:
+    """The local directory that holds DIR's dataset.json and tokenizer files: DIR itself, or for a URL their
+    copy in the local cache (data/remote.py)."""
+    if is_url(data_dir):
+        from calm_train.data.remote import metadata_copy
+        return metadata_copy(data_dir)
+    return pathlib.Path(data_dir)
+
+
 def read_dataset_info(data_dir) -> DatasetInfo:
-    path = pathlib.Path(data_dir) / INFO_NAME
+    """dataset.json of a prepared directory or URL."""
+    path = dataset_dir(data_dir) / INFO_NAME
     if not path.is_file():
         raise DataError(f"{path}: missing; {data_dir} is not a prepared data directory. "
                         "Fix: run `calm-train prepare --input ... --tokenizer ... --out DIR` and point at DIR")
+    return parse_dataset_info(path.read_text(), child(data_dir, INFO_NAME))
+
+
+def parse_dataset_info(text: str, path: str) -> DatasetInfo:
+    """The text of a dataset.json (read from `path`, which errors name), checked."""
     try:
-        tree = json.loads(path.read_text())
+        tree = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err}). Fix: rerun `calm-train prepare`") from err
     names = {f.name for f in dataclasses.fields(DatasetInfo)}

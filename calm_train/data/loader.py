@@ -14,7 +14,8 @@ seed and the epoch); the partition, resume and elastic resume above are unchange
 the datasets concatenated in order; `count_per_dataset` maps a batch's ids to the datasets.
 
 Robustness (notes/data_stack.md section 3): shards are verified against index.json before any
-dataset exists (verify=True); shards are copied from the data directory into a per-job local cache
+dataset exists (verify=True); shards are copied from the data directory (or downloaded from its URL:
+streaming's `remote`, with its retries, timeout and cache limit) into a per-job local cache
 (private TMPDIR beside it, stale shared memory of dead jobs removed); a DataLoader timeout turns a
 stuck worker into an exception; and every epoch's sample count is asserted, so a worker error never
 ends an epoch silently.  All ranks must construct and iterate their TokenLoader together.
@@ -38,8 +39,12 @@ from calm_train.data import jobdir
 from calm_train.data.dataset_info import DataError, read_dataset_info
 from calm_train.data.mixing import as_sources, count_per_source, proportions, read_mixture
 from calm_train.data.verify import verify_dataset
+from calm_train.errors import UserError
+from calm_train.storage.url import child
 
 CANONICAL_NODES = 1
+# streaming's own settings for shards it downloads (data.download_retry, data.download_timeout, data.cache_limit)
+DOWNLOAD = {"download_retry": 2, "download_timeout": 60.0, "cache_limit": None}
 
 
 def _dist():
@@ -109,12 +114,13 @@ class TokenLoader:
 
     def __init__(self, data, split: str, batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  shuffle: bool = True, num_workers: int = 0, cache_dir=None, verify: bool = True,
-                 batch_timeout: float = 600.0):
+                 batch_timeout: float = 600.0, download: dict | None = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
         self.sources = as_sources(data)
         self.names = [source.name for source in self.sources]
         self.info = read_mixture(self.sources)
+        download = {**DOWNLOAD, **(download or {})}
         self.split, self.batch_size = split, batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         env = _launch_env()
@@ -124,7 +130,7 @@ class TokenLoader:
             try:
                 for source in self.sources:
                     verify_dataset(source.path, [split])
-            except DataError as err:
+            except UserError as err:
                 error = str(err)
         _all_ranks_ok(error)
 
@@ -133,12 +139,14 @@ class TokenLoader:
             _dist().barrier()
         shares = proportions(self.sources)
         with _streaming_context(env, self._job.tmp):
-            streams = [Stream(remote=str(pathlib.Path(source.path) / split), local=str(self._job.local / str(n)),
-                              proportion=shares[n] if shares else None) for n, source in enumerate(self.sources)]
+            streams = [Stream(remote=child(source.path, split), local=str(self._job.local / str(n)),
+                              proportion=shares[n] if shares else None, download_retry=download["download_retry"],
+                              download_timeout=download["download_timeout"])
+                       for n, source in enumerate(self.sources)]
             # a mixture is always shuffled (seeded): unshuffled, an epoch would read one dataset after another
             self.dataset = DPStreamingDataset(
                 dp_rank=dp_rank, dp_size=dp_size, streams=streams, batch_size=batch_size,
-                shuffle=shuffle or len(streams) > 1,
+                shuffle=shuffle or len(streams) > 1, cache_limit=download["cache_limit"],
                 shuffle_seed=seed, num_canonical_nodes=CANONICAL_NODES, validate_hash="xxh64", keep_zip=False)
 
         fork = "fork" if num_workers and "fork" in multiprocessing.get_all_start_methods() else None
@@ -188,7 +196,7 @@ class TokenLoader:
             raise DataError(self._short_epoch(expected))
 
     def _short_epoch(self, expected: int) -> str:
-        where = ", ".join(str(pathlib.Path(source.path) / self.split) for source in self.sources)
+        where = ", ".join(child(source.path, self.split) for source in self.sources)
         return (f"{where}: epoch {self.epoch} ended after {self._yielded} of {expected} samples on dp rank "
                 f"{self.dp_rank} (a shard failed to load; see the worker error above). "
                 "Fix: run `calm-train verify-data DIR` on each and re-prepare the bad shard")
@@ -240,6 +248,11 @@ class TokenLoader:
         self._job.close()
 
 
+def cache_options(data) -> dict:
+    """TokenLoader's shard cache and streaming download settings from a run's DataConfig."""
+    return {"cache_dir": data.cache_dir, "download": {key: getattr(data, key) for key in DOWNLOAD}}
+
+
 def require_one_batch(data, split: str, global_batch: int, dp_size: int) -> None:
     """Refuse a training split (of one dataset or a mixture: data.train) in which a dp rank's share of an
     epoch (ceil(samples / dp): streaming evens the shares out) is smaller than its batch: training reads
@@ -248,7 +261,7 @@ def require_one_batch(data, split: str, global_batch: int, dp_size: int) -> None
     samples = sum(read_dataset_info(source.path).splits[split]["samples"] for source in sources)
     share, batch = -(-samples // dp_size), global_batch // dp_size
     if share < batch:
-        where = ", ".join(str(pathlib.Path(source.path) / split) for source in sources)
+        where = ", ".join(child(source.path, split) for source in sources)
         raise DataError(f"{where}: {samples} samples are fewer than one batch: "
                         f"train.global_batch={global_batch} over dp={dp_size} ranks needs {batch} samples per rank, "
                         f"a rank gets {share}. Fix: prepare more data, or lower train.global_batch (and "

@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 
 from calm_train.config import DataSource, data_sources
-from calm_train.data.dataset_info import DataError, DatasetInfo, read_dataset_info
+from calm_train.data.dataset_info import DataError, DatasetInfo, dataset_dir, read_dataset_info
 
 SHARED = (("tokenizer_sha256", "tokenizer sha256"), ("patch_size", "K (patch_size)"), ("seq_len", "seq_len"))
 
@@ -43,9 +43,9 @@ def read_mixture(data) -> DatasetInfo:
 
 
 def mixture_tokenizer(data) -> tuple[str, pathlib.Path]:
-    """(sha256, directory holding the tokenizer files) of a mixture's one shared tokenizer."""
+    """(sha256, local directory holding the tokenizer files) of a mixture's one shared tokenizer."""
     info = read_mixture(data)
-    return info.tokenizer_sha256, pathlib.Path(as_sources(data)[0].path)
+    return info.tokenizer_sha256, dataset_dir(as_sources(data)[0].path)
 
 
 def proportions(sources: list[DataSource]) -> list[float] | None:

@@ -227,7 +227,6 @@ def _hf_as_tiktoken(spec: dict, special: dict[str, int]) -> tiktoken.Encoding | 
 
 
 def load_dataset_tokenizer(directory) -> Tokenizer:
-    """The tokenizer that a prepared data directory (or a run's tokenizer/) names in its dataset.json."""
-    from calm_train.data.dataset_info import read_dataset_info
-    directory = pathlib.Path(directory)
-    return load_tokenizer(directory / read_dataset_info(directory).tokenizer)
+    """The tokenizer that a prepared data directory or URL (or a run's tokenizer/) names in its dataset.json."""
+    from calm_train.data.dataset_info import dataset_dir, read_dataset_info
+    return load_tokenizer(dataset_dir(directory) / read_dataset_info(directory).tokenizer)

@@ -1,6 +1,7 @@
-"""The DeepSpeed config of a run: a JSON preset from calm_train/ds_configs/, filled from the train config.
+"""The DeepSpeed config of a run: a JSON preset from ds_configs/, filled from the train config.
 
-The preset (`parallel.ds_config`: a name in calm_train/ds_configs/ (package data) or a path; None picks `zero1_pp` under
+The preset (`parallel.ds_config`: a name in the top-level ds_configs/ of the checkout, installed as
+calm_train/ds_configs/ in the wheel, or a path; None picks `zero1_pp` under
 pipeline parallelism, else `zero{parallel.zero_stage}`) holds what the train config does not:
 optimizer implementation, offload, bucket sizes.  Batch sizes, AdamW hyper-parameters, clipping,
 precision and the ZeRO stage always come from the train config.  The presets use torch's AdamW
@@ -20,7 +21,11 @@ import torch
 
 from calm_train.config import Config, ConfigError
 
-DS_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "ds_configs"
+PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+# the one copy is the checkout's top-level ds_configs/; the wheel installs it as calm_train/ds_configs/
+# (pyproject.toml: package-dir)
+DS_CONFIG_DIR = next((d for d in (PACKAGE / "ds_configs", PACKAGE.parent / "ds_configs") if d.is_dir()),
+                     PACKAGE / "ds_configs")
 
 
 def preset_path(cfg: Config) -> pathlib.Path:

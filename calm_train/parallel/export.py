@@ -55,8 +55,20 @@ def _gather_tensor_parallel(shard: torch.Tensor, dim: int, stride: int) -> torch
     return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
 
 
+def _on_rank0(local: dict[str, torch.Tensor], world) -> dict[str, torch.Tensor]:
+    """Every rank calls: the parts of the (dp 0, tp 0) rank of each pipeline stage, together on rank 0 ({} on the
+    others).  Without pipeline stages rank 0 holds every tensor itself and nothing is sent (gather_object would
+    pickle each one, even in a world of one)."""
+    if world.pp_size == 1:
+        return local if world.rank == 0 else {}
+    contributes = world.dp_rank == 0 and world.tp_rank == 0
+    gathered = [None] * world.world_size if world.rank == 0 else None
+    dist.gather_object(local if contributes else {}, gathered, dst=0)
+    return {k: v for part in gathered for k, v in part.items()} if world.rank == 0 else {}
+
+
 def full_state_dict(model: nn.Module, world) -> dict[str, torch.Tensor]:
-    """Every rank calls (collectives); rank 0 gets the whole fp32 state dict, the others {}."""
+    """Every rank calls (collectives); rank 0 gets the whole fp32 state dict (a copy in host memory), the others {}."""
     prefixes = _global_layer_prefixes(model)
     local = {}
     for name, p in model.named_parameters():
@@ -64,17 +76,12 @@ def full_state_dict(model: nn.Module, world) -> dict[str, torch.Tensor]:
         tensor = (p.detach() if full is None else full).float()
         if world.tp_size > 1 and getattr(p, "tensor_model_parallel", False):
             tensor = _gather_tensor_parallel(tensor, p.partition_dim, getattr(p, "partition_stride", 1))
-        local[_rename(name, prefixes)] = tensor.cpu()
+        local[_rename(name, prefixes)] = tensor.to("cpu", copy=True)     # a copy: training does not change it
     params = {name for name, _ in model.named_parameters()}
     for name, buf in model.state_dict().items():
         if name not in params and isinstance(buf, torch.Tensor) and not name.endswith("_extra_state"):
-            local[_rename(name, prefixes)] = (buf.float() if buf.is_floating_point() else buf).cpu()
-    contributes = world.dp_rank == 0 and world.tp_rank == 0
-    gathered = [None] * world.world_size if world.rank == 0 else None
-    dist.gather_object(local if contributes else {}, gathered, dst=0)
-    if world.rank != 0:
-        return {}
-    return {k: v for part in gathered for k, v in part.items()}
+            local[_rename(name, prefixes)] = (buf.float() if buf.is_floating_point() else buf).to("cpu", copy=True)
+    return _on_rank0(local, world)
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -171,14 +178,9 @@ def full_optimizer_state(model: nn.Module, optimizer, world) -> tuple[dict[str, 
             tensor = _full_moment(p, optimizer, key).float()
             if world.tp_size > 1 and getattr(p, "tensor_model_parallel", False):
                 tensor = _gather_tensor_parallel(tensor, p.partition_dim, getattr(p, "partition_stride", 1))
-            local[f"{key}/{_rename(name, prefixes)}"] = tensor.cpu()
+            local[f"{key}/{_rename(name, prefixes)}"] = tensor.to("cpu", copy=True)
     step = adam_step(optimizer)
-    contributes = world.dp_rank == 0 and world.tp_rank == 0
-    gathered = [None] * world.world_size if world.rank == 0 else None
-    dist.gather_object(local if contributes else {}, gathered, dst=0)
-    if world.rank != 0:
-        return {}, step
-    return {k: v for part in gathered for k, v in part.items()}, step
+    return _on_rank0(local, world), step
 
 
 def tensor_parallel_shard(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -62,7 +64,10 @@ def _init_process_group(backend: str, device: torch.device, from_env: bool) -> N
 
 
 def seed_all(seed: int) -> None:
-    """torch's CPU RNG (weights are built on CPU: identical for every TP size) and megatron's tracker."""
+    """torch's CPU RNG (weights are built on CPU: identical for every TP size) and megatron's tracker; Python's
+    and numpy's too, so that a checkpoint's RNG states (which hold them) are the same in every run of a seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)

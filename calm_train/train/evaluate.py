@@ -195,12 +195,12 @@ def _max_over_ranks(value: int) -> int:
 def evaluate_run(run, step: int) -> dict[str, float]:
     """One evaluation inside a training run: one pass over the validation split, at most train.eval_batches
     batches of micro_batch x pp sequences over all DP ranks; every sample it reaches is counted once."""
-    from calm_train.data.loader import TokenLoader
+    from calm_train.data.loader import TokenLoader, cache_options
     cfg, world = run.cfg, run.world
     data_dir, split = run.validation                  # Run.evaluate skips a run without validation data
     micro, pp = cfg.train.micro_batch, cfg.parallel.pp
     loader = TokenLoader(data_dir, split, batch_size=micro * pp, dp_rank=world.dp_rank,
-                         dp_size=run.dp, seed=cfg.train.seed, shuffle=False, verify=False)
+                         dp_size=run.dp, seed=cfg.train.seed, shuffle=False, verify=False, **cache_options(cfg.data))
     totals = {key: torch.zeros((), dtype=torch.float64) for key in ("samples", "loss", "loss_count")}
     model = run.engine.model
     was_training = model.training
@@ -237,14 +237,16 @@ def evaluate_run(run, step: int) -> dict[str, float]:
 
 def reference_pool(cfg, data_dir: str | None = None):
     """The ChunkPool of the training split (`data_dir`, default data.train) for CALM's diagnostics, or None
-    when that directory is gone or data.train is a mixture (then the marginal energy and the real-chunk
-    fractions are left out)."""
+    when that directory is gone, at a URL (its split is streamed, not read whole) or data.train is a mixture
+    (then the marginal energy and the real-chunk fractions are left out)."""
     import pathlib
     from calm_train.data.chunk_pool import training_pool
     from calm_train.data.mixing import as_sources
+    from calm_train.storage.url import is_url
     sources = as_sources(data_dir or cfg.data.train)
-    if len(sources) != 1 or not (pathlib.Path(sources[0].path) / "train" / "index.json").is_file():
-        return None                                   # gone, or a mixture: no single reference split
+    if len(sources) != 1 or is_url(sources[0].path) or not (pathlib.Path(sources[0].path) / "train" /
+                                                            "index.json").is_file():
+        return None                                   # gone, remote, or a mixture: no single reference split
     return training_pool(str(pathlib.Path(sources[0].path).resolve()), cfg.model.patch_size, cfg.model.vocab_size)
 
 

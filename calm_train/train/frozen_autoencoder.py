@@ -1,6 +1,6 @@
 """The frozen autoencoder a CALM run trains against: found, checked against the CALM config, loaded.
 
-`model.autoencoder` may be a run directory (its latest complete checkpoint), a checkpoint directory
+`model.autoencoder` may be a run directory (its latest complete checkpoint) or its URL, a checkpoint directory
 (an autoencoder's, or a CALM checkpoint's frozen autoencoder), or a directory in the reference
 release's Hugging Face layout (config.json + weights; an autoencoder's, or a CALM's `ae_model`).  Its latent
 size, K and vocabulary must equal the CALM config's; the rest of its architecture is taken from it.
@@ -34,8 +34,9 @@ class AutoencoderRef:
 def find_autoencoder(spec: str) -> AutoencoderRef:
     from calm_train.convert.native import AUTOENCODER_SPEC, AUTOENCODER_WEIGHTS, resolve_checkpoint
     from calm_train.files import sha256_file
+    from calm_train.convert.remote import fetch_checkpoint
     from calm_train.train.identity import recorded_tokenizer
-    path = pathlib.Path(spec)
+    path = pathlib.Path(fetch_checkpoint(spec))
     if not path.exists():
         raise UserError(f"config key 'model.autoencoder': {path} does not exist. Fix: train one with "
                         "`calm-train train tiny_autoencoder run_dir=DIR` (or the `autoencoder` config) and pass DIR")

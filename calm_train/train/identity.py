@@ -35,11 +35,12 @@ def model_hash(model: ModelConfig) -> str:
 
 
 def recorded_tokenizer(directory) -> str | None:
-    """The tokenizer sha256 that `directory/dataset.json` records (prepared data, a tokenizer/ directory), or None."""
-    path = pathlib.Path(directory) / "dataset.json"
-    if not path.is_file():
-        return None
+    """The tokenizer sha256 that `directory/dataset.json` records (prepared data, a tokenizer/ directory), or None
+    (a URL's dataset.json must be there)."""
     from calm_train.data.dataset_info import read_dataset_info
+    from calm_train.storage.url import is_url
+    if not is_url(directory) and not (pathlib.Path(directory) / "dataset.json").is_file():
+        return None
     return read_dataset_info(directory).tokenizer_sha256
 
 

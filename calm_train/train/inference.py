@@ -88,8 +88,8 @@ def evaluate_checkpoint(spec: str, data: str | None = None, max_tokens: int | No
                 check_eval_data(loaded.checkpoint, train_data)
             pool = reference_pool(cfg, train_data)
             if pool is None:
-                print(f"calm-train eval: note: no single training split at {train_data or cfg.data.train} (gone, or a "
-                      "mixture): the marginal energy and real-chunk fractions are left out (pass --train-data DIR)",
+                print(f"calm-train eval: note: no single local training split at {train_data or cfg.data.train} (gone, "
+                      "remote, or a mixture): the marginal energy and real-chunk fractions are left out (pass --train-data DIR)",
                       file=sys.stderr)
         loader = TokenLoader(*source, batch_size=cfg.train.micro_batch, dp_rank=0, dp_size=1, seed=seed,
                              shuffle=False, verify=True)

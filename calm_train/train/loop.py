@@ -22,9 +22,10 @@ import torch.distributed as dist
 
 from calm_train.config import Config, data_parallel_size, to_yaml, validate, validate_layout
 from calm_train.data.loader import require_one_batch
-from calm_train.errors import UserError, user_errors
+from calm_train.errors import UserError
 from calm_train.train import identity
-from calm_train.train.checkpoint import CheckpointManager, load_rng_state, rng_file, save_rng_state
+from calm_train.train.checkpoint import (CheckpointManager, load_rng_state, rng_file, rng_snapshot,
+                                        write_rng_state)
 from calm_train.train.flops import MFU, measure_peak_flops, spec_peak_flops, train_flops_per_token
 from calm_train.train.lock import RunLock
 from calm_train.train.logbook import Logbook
@@ -95,10 +96,12 @@ class Run:
         self.log = Logbook(self.run_dir, cfg, enabled=self.rank == 0, total_steps=cfg.train.steps)
         self.checkpoints = CheckpointManager(self.run_dir, self.rank, dist.barrier, cfg.train.keep_last,
                                              cfg.train.keep_every, log=self.log.event,
-                                             agree=lambda ok: not any_rank(not ok))
+                                             agree=lambda ok: not any_rank(not ok), async_save=cfg.train.async_save,
+                                             remote=cfg.train.remote_checkpoints)
         self.lock = RunLock(self.run_dir, cfg.train.lock_timeout, log=self.log.event)
         self.data_dir = mixture_tokenizer(cfg.data.train)[1]    # the (first) dataset: its tokenizer is the run's
         self.resume_from: str | None = None      # the train.resume_from choice this run descends from
+        self.save_stall: dict = {}               # how long the last save blocked training: the next metrics row
         self.profiler = None
 
     # ------------------------------------------------------------------------------------------
@@ -111,7 +114,7 @@ class Run:
         if self.rank == 0:
             try:
                 start = self._choose_start()
-            except user_errors() as err:
+            except UserError as err:
                 error = str(err)
         error, latest, self.resume_from = broadcast_object(
             (error, *((start.checkpoint, start.resume_from) if start else (None, None))))
@@ -134,16 +137,18 @@ class Run:
         from calm_train.train.rundir import choose_start, read_state
         cfg, tokenizer = self.cfg, self.info.tokenizer_sha256
         self.lock.acquire()
-        for source in as_sources(cfg.data.train):
-            verify_dataset(source.path)
+        for source in as_sources(cfg.data.train):      # a URL's shards: listed here, hashed as streamed
+            verify_dataset(source.path, remote_hashes=False)
         if cfg.data.val:
-            verify_dataset(cfg.data.val)
+            verify_dataset(cfg.data.val, remote_hashes=False)
         identity.check_val_tokenizer(cfg, self.data_dir, tokenizer)
         if self.autoencoder_ref is not None:
             identity.check_autoencoder_tokenizer(self.autoencoder_ref, self.data_dir, tokenizer, self.log.event)
         self.checkpoints.finish_pruning()
+        self.checkpoints.sync_remote(cfg.train.resume_from or "")    # train.remote_checkpoints: a new node resumes
         # the resume point is hash-verified once (rank 0) and shared, so a damaged file is never loaded
         start = choose_start(self.checkpoints, cfg.train.resume_from or "", self.log.event)
+        self.checkpoints.check_remote_branch(start.checkpoint, cfg.train.resume_from or "")
         if start.checkpoint is not None:
             saved = identity.saved_identity(start.checkpoint, read_state(start.checkpoint), self.log.event)
             identity.check_resume(saved, self.run_identity(), start.checkpoint, cfg, self.data_dir)
@@ -155,7 +160,7 @@ class Run:
         return identity.run_identity(self.cfg, self.info.tokenizer_sha256, self.autoencoder_ref)
 
     def build(self) -> None:
-        from calm_train.data.loader import TokenLoader
+        from calm_train.data.loader import TokenLoader, cache_options
         from calm_train.parallel.engine import TrainEngine, build_world
         from calm_train.train.evaluate import validation_source
         from calm_train.train.tasks import task_for
@@ -174,7 +179,7 @@ class Run:
         self.per_rank_batch = self.cfg.train.global_batch // self.dp
         self.loader = TokenLoader(self.cfg.data.train, "train", batch_size=self.per_rank_batch,
                                   dp_rank=self.world.dp_rank, dp_size=self.dp, seed=self.cfg.train.seed,
-                                  num_workers=self.cfg.data.num_workers, verify=False)
+                                  num_workers=self.cfg.data.num_workers, verify=False, **cache_options(self.cfg.data))
         self.validation = validation_source(self.cfg)
         if self.validation is None:
             self.log.event(f"no validation split in {self.cfg.data.train} and data.val is unset: evaluations are "
@@ -212,7 +217,7 @@ class Run:
         if saved.get("layout") == layout and path.is_file():
             try:
                 rng = load_rng_state(path)
-            except user_errors() as err:
+            except UserError as err:
                 error = err
         if any_rank(error is not None):                 # every rank stops, not only the one that cannot read
             raise error or UserError(f"another rank could not read its RNG states in {latest}/rng (see its error)")
@@ -223,6 +228,7 @@ class Run:
         return progress
 
     def save(self, progress: Progress) -> None:
+        started, cpu = time.monotonic(), time.thread_time()
         progress.loader = self.loader.state_dict()
         from calm_train.train.reshard import engine_counters, layout_of, optimizer_export, write_optimizer
         state = {"progress": dataclasses.asdict(progress), "engine": engine_counters(self.engine),
@@ -230,9 +236,10 @@ class Run:
                  "layout": layout_of(self.cfg, self.world_size)}
         export = self.engine.state_for_export()
         moments, moments_metadata = optimizer_export(self.engine)
+        rng = rng_snapshot()                        # export, moments, rng: host copies that training cannot change
 
         def write(directory: pathlib.Path) -> None:
-            save_rng_state(rng_file(directory, self.rank))
+            write_rng_state(rng_file(directory, self.rank), rng)
             if self.rank == 0:
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in export.items()}, str(directory / "model.safetensors"))
@@ -244,8 +251,9 @@ class Run:
                     from calm_train.convert.native import save_autoencoder_file
                     save_autoencoder_file(self.autoencoder, directory)
 
-        path = self.checkpoints.save(progress.step, write, {"kind": self.cfg.model.kind})
-        self.log.event(f"saved {path}")
+        self.checkpoints.save(progress.step, write, {"kind": self.cfg.model.kind})
+        self.save_stall = {"save_stall_s": round(time.monotonic() - started, 4),
+                           "save_stall_cpu_s": round(time.thread_time() - cpu, 4)}
 
     # ------------------------------------------------------------------------------------------
     def evaluate(self, step: int) -> None:
@@ -268,6 +276,8 @@ class Run:
             progress.dataset_tokens[name] = progress.dataset_tokens.get(name, 0) + int(count) // replicas * seq_len
 
     def metrics_row(self, progress: Progress, result, step_s: float, tokens_per_step: int) -> dict:
+        """One metrics.jsonl row; after a save, the row of the next logged step says how long it blocked training."""
+        stall, self.save_stall = self.save_stall, {}
         tokens_per_s = tokens_per_step / max(step_s, 1e-9)
         mfu, note = self.mfu.row(tokens_per_s)
         if note:
@@ -279,7 +289,7 @@ class Run:
             "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "samples": progress.samples,
             "elapsed_s": round(progress.elapsed_s, 3), "skipped_steps": progress.skipped_steps,
             "step_s": round(step_s, 4), "flops": self.mfu.flops_per_token * progress.tokens, **mfu,
-            "peak_mem_gib": round(float(peak_mem), 4),
+            "peak_mem_gib": round(float(peak_mem), 4), **stall,
             **{f"tokens/{name}": count for name, count in progress.dataset_tokens.items()},
         }
 
@@ -336,12 +346,14 @@ class Run:
                 if asked or (t.save_every and progress.step % t.save_every == 0 and progress.step < t.steps):
                     self.save(progress)
                 if asked:
+                    self.checkpoints.close()
                     self.log.event(f"{reason}: checkpoint saved at step {progress.step}; exit {EXIT_REQUEUE} "
                                    "(relaunch the same command to resume)")
                     return EXIT_REQUEUE
             if progress.step > resumed_at:   # `latest` itself may be pruned by now (train.keep_last)
                 self.save(progress)
             self.evaluate(progress.step)
+            self.checkpoints.close()          # the background save and the uploads, and where they are
             self.log.event(f"done: {progress.step} steps, {progress.tokens} tokens in {progress.elapsed_s:.1f}s")
             return EXIT_DONE
         except KeyboardInterrupt:
@@ -350,6 +362,7 @@ class Run:
             return EXIT_ABORTED
         finally:
             stop.uninstall()
+            self.checkpoints.close(raise_errors=False)    # nothing is written into RUN_DIR once the lock is gone
             self.lock.release()
             if self.profiler is not None:
                 self.profiler.close()

@@ -6,8 +6,8 @@
               (DamagedRun, exit 1) naming each damaged file and the choices below: never a silent restart.
     scratch   restart at step 0: checkpoints/, metrics.jsonl, eval.jsonl, tensorboard/ and tokenizer/ are
               moved aside to NAME.before-restart-<UTC>, never deleted.
-    PATH      resume from the named checkpoint (verified); this run's checkpoints of later steps are
-              moved aside.
+    PATH      resume from the named checkpoint (verified; a URL is downloaded first); this run's checkpoints
+              of later steps are moved aside.
 The choice is recorded in state.json ("resume_from") of every checkpoint that descends from it, so a
 relaunch of the same command (a requeued job) continues the run instead of applying it again.
 `choose_start` decides without changing anything; what it moves aside is moved only once every other
@@ -24,6 +24,8 @@ from calm_train.convert.native import (LATEST, CheckpointError, read_json, resol
                                        verify_checkpoint)
 from calm_train.files import move_aside as move_path_aside
 from calm_train.errors import UserError
+from calm_train.convert.remote import fetch_checkpoint
+from calm_train.storage.url import is_url
 
 SCRATCH = "scratch"
 
@@ -91,10 +93,10 @@ def choose_start(manager, resume_from: str, log) -> Start:
             return continued
         names = ("checkpoints", "metrics.jsonl", "eval.jsonl", "tensorboard", "tokenizer")
         return Start(None, SCRATCH, [run_dir / name for name in names if (run_dir / name).exists()])
-    ckpt = resolve_checkpoint(resume_from)
+    ckpt = resolve_checkpoint(fetch_checkpoint(resume_from))
     step = verify_checkpoint(ckpt, hashes=True)["step"]
     read_state(ckpt)
-    key = str(ckpt.resolve())
+    key = resume_from if is_url(resume_from) else str(ckpt.resolve())
     if intact is not None and intact.resolve() != ckpt.resolve() and descends_from == key:
         log(f"train.resume_from={resume_from}: {intact} descends from it (an earlier launch of this command); "
             "resuming from it")

@@ -1,6 +1,6 @@
 """`model.init_from=PATH`: a new run that starts from another model's weights (DESIGN.md "Warm start").
 
-PATH is anything convert/sources.py opens: a native run (its latest checkpoint) or checkpoint, an
+PATH is anything convert/sources.py opens: a native run (its latest checkpoint) or checkpoint (or its URL), an
 exported Hugging Face Llama directory, a reference-layout CALM or autoencoder directory.  It must hold
 a model of the run's kind, architecture and vocabulary: checked before any process group starts, a
 mismatch is one line naming the key, both values and the override that fixes it.  Hyperparameters of
@@ -20,7 +20,8 @@ import json
 import pathlib
 
 from calm_train.config import Config, ModelConfig
-from calm_train.errors import UserError, user_errors
+from calm_train.errors import UserError
+from calm_train.storage.url import is_url
 
 KEY = "model.init_from"
 RECORD_FIELDS = ("init_from", "init_from_sha256")     # in ModelConfig; never part of the model's identity hash
@@ -76,7 +77,7 @@ class WarmStart:
         from calm_train.convert.sources import open_source
         try:
             self.source = open_source(self.spec)
-        except user_errors() as err:
+        except UserError as err:
             raise UserError(f"config key '{KEY}': {err}") from err
         kind, theirs = cfg.model.kind, self.source.model.kind
         if theirs != kind:
@@ -90,7 +91,8 @@ class WarmStart:
             raise UserError(f"config key 'model.init_from_sha256' is {cfg.model.init_from_sha256} but "
                             f"{self.source.weights} has sha256 {sha}. Fix: point {KEY} at the weights you pinned, "
                             "or drop model.init_from_sha256")
-        cfg.model.init_from, cfg.model.init_from_sha256 = str(self.source.path.resolve()), sha
+        where = self.spec if is_url(self.spec) else str(self.source.path.resolve())    # a URL: its download is a cache
+        cfg.model.init_from, cfg.model.init_from_sha256 = where, sha
 
     def settle(self, cfg: Config, latest: pathlib.Path | None, log) -> None:
         """Once the resume point is known: a resumed run keeps its checkpoint's record and ignores the source;

@@ -1,4 +1,4 @@
-"""Finished tiny runs shared by the session: copy one (runs.copy_run) before changing it."""
+"""Finished tiny runs shared by the session: copy one (runs.copy_run) before changing it (tiny_ae: tests/conftest.py)."""
 import pathlib
 import sys
 
@@ -6,15 +6,6 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from runs import calm_train  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_ae(tiny_data, tmp_path_factory) -> pathlib.Path:
-    """A 2-step autoencoder run: a fixed frozen autoencoder for CALM (its quality does not matter)."""
-    run = tmp_path_factory.mktemp("shared") / "ae"
-    calm_train("train", "tiny_autoencoder", f"run_dir={run}", f"data.train={tiny_data}", "train.steps=2",
-               "logging.progress=false")
-    return run
 
 
 @pytest.fixture(scope="session")

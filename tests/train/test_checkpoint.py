@@ -195,3 +195,56 @@ def test_full_and_read_only_file_system_during_a_save_keep_the_previous_checkpoi
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert verify_checkpoint(out / "run" / "checkpoints" / step_name(3))["step"] == 3
+
+
+def test_async_save_failure_is_raised_at_the_next_save_as_the_same_line(tmp_path):
+    def refused(directory: pathlib.Path) -> None:
+        raise OSError(28, "No space left on device", str(directory / "model.safetensors"))
+    errors = []
+    for mode in (False, True):
+        manager = CheckpointManager(tmp_path / str(mode), keep_last=2, log=lambda m: None, async_save=mode)
+        manager.save(1, writer(b"ok"), {})
+        try:
+            manager.save(2, refused, {})
+            manager.save(3, writer(b"later"), {})          # async: the failure of step 2 surfaces here
+        except CheckpointError as err:
+            errors.append(str(err).replace(str(tmp_path / str(mode)), "RUN"))
+        assert manager.latest().name == step_name(1)        # nothing after the refused save was published
+    assert len(errors) == 2 and errors[0] == errors[1] and "No space left on device [ENOSPC]" in errors[0]
+
+
+def test_async_save_writes_the_same_files_and_resumes_the_same(tiny_data, tmp_path):
+    """Two ranks (dp=2), train.async_save=true against a synchronous save: every file of every checkpoint is the
+    same byte for byte (state.json up to its elapsed_s, config.yaml up to run_dir and train.async_save, and the
+    manifest's hashes of those two), and a run resumed from the asynchronous checkpoint of step 2 continues
+    exactly as the synchronous run."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from runs import Job, trajectory
+    args = ["train", "tiny_ar", f"data.train={tiny_data}", "train.steps=4", "train.save_every=2", "train.keep_last=3",
+            "logging.progress=false"]
+    runs = {"sync": [], "async": ["train.async_save=true"],
+            "resumed": ["train.async_save=true", f"train.resume_from={tmp_path / 'async'}/checkpoints/step_00000002"]}
+    for name, extra in runs.items():
+        job = Job(2, [*args, f"run_dir={tmp_path / name}", *extra], tmp_path / f"{name}.log")
+        assert job.wait() == 0, job.output()[-4000:]
+
+    def comparable(ckpt: pathlib.Path) -> dict:
+        out = {}
+        for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+            rel, data = str(path.relative_to(ckpt)), path.read_bytes()
+            if rel == "state.json":
+                state = json.loads(data)
+                assert state["progress"].pop("elapsed_s") > 0
+                data = state
+            elif rel == "config.yaml":
+                data = data.replace(b"async_save: true", b"async_save: false").split(b"\n", 1)[1]   # 1: run_dir
+            elif rel == "manifest.json":
+                data = {k: v for k, v in json.loads(data)["files"].items() if k not in ("state.json", "config.yaml")}
+            out[rel] = data
+        return out
+    for step in (2, 4):
+        sync, asynchronous = (comparable(tmp_path / run / "checkpoints" / step_name(step)) for run in ("sync", "async"))
+        assert sync.keys() == asynchronous.keys() and "rng/rank_00001.safetensors" in sync
+        assert sync == asynchronous
+    assert trajectory(tmp_path / "async") == trajectory(tmp_path / "sync")
+    assert trajectory(tmp_path / "resumed") == trajectory(tmp_path / "sync")[2:]
