@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import statistics
 import sys
 import time
@@ -135,7 +136,10 @@ class Study:
         return [f"data.train={self.data}", *shape, *self.size[model]]
 
     def run(self, seconds: float) -> dict:
+        """Every run afresh (a re-run of the part on the same machine must not resume or reuse the last one's
+        calibration, runs or cached evaluations)."""
         started, size, log = time.perf_counter(), self.size, []
+        shutil.rmtree(self.work, ignore_errors=True)
         steps = size["calibration_steps"]
         calibration = {"ae": calibrate("ae", self.work / "calibrate_ae", self.overrides("ae"), steps)}
         calm_args = self.overrides("calm")
