@@ -67,15 +67,16 @@ SIZES = {
                   ar=("model.backbone.hidden_size=32", "model.backbone.intermediate_size=64",
                       "model.backbone.num_layers=1", "model.backbone.num_heads=2", "train.micro_batch=8",
                       "train.global_batch=8"),
-                  calibration_steps=8, samples=2, eval_tokens=1024, eval_reserve_s=15, min_steps=8),
+                  calibration_steps=6, samples=2, eval_tokens=512, eval_reserve_s=15, min_steps=4),
 }
 CONFIGS = {"ae": "demo_autoencoder", "calm": "demo_calm", "ar": "demo_ar"}
 RUN_SETTINGS = ["logging.progress=false", "train.eval_every=0"]
 
 
-def quarters(steps: int) -> int:
-    """steps rounded down to a multiple of learning.QUARTERS (at least one step per quarter)."""
-    return max(learning.QUARTERS, steps - steps % learning.QUARTERS)
+def quarters(steps: float) -> int:
+    """steps rounded to the nearest multiple of learning.QUARTERS (at least one step per quarter): AR's steps at
+    CALM's FLOPs are off by at most QUARTERS / 2 steps."""
+    return max(learning.QUARTERS, learning.QUARTERS * round(steps / learning.QUARTERS))
 
 
 def metrics(run_dir: pathlib.Path) -> list[dict]:
@@ -161,7 +162,7 @@ class Study:
             "demo_calm", calm_dir, [*calm_args, f"model.autoencoder={ae_dir}",
                                     *schedule(plan["calm_steps"], plan["calm_s"])], log, time_capped=True)
         self.record(f"[{self.name}] calm {json.dumps(self.result['calm_run'])}")
-        ar_steps = quarters(round(self.result["calm_run"]["flops"] / calibration["ar"]["flops_per_step"]))
+        ar_steps = quarters(self.result["calm_run"]["flops"] / calibration["ar"]["flops_per_step"])
         ar_dir = self.work / "ar"
         self.result["ar_run"] = learning.train("demo_ar", ar_dir, [*self.overrides("ar"), *schedule(ar_steps, plan["ar_s"])],
                                                log, time_capped=True)
