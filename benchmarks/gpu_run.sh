@@ -19,7 +19,9 @@
 # Results in $OUT (default bench_out/gpu_run), KIND = h100 | h200 from the device's name (cpu in a dry run):
 #   gpu_run_KIND.log  gpu_check_KIND.json  gpu_check_KIND.log  learning_gpu_KIND.json  learning_gpu_KIND.png
 #   learning_gpu_KIND.log        (6 files: within what one call brings back)
-# --dry-run: the same steps on CPU with tiny sizes (gpu_check.py --smoke, learning_gpu.py --smoke).
+# --dry-run: the same steps on CPU with tiny sizes (gpu_check.py --smoke, learning_gpu.py --smoke; step 3 prints the
+# versions but leaves the import checks to the parts); tests/benchmarks/test_gpu_run.py runs it, with the data of
+# `gpu_data.py --corpus FILE.jsonl` in GPU_CARRY_ROOT/.gpu/data.
 # Env: OUT, PYTHON (python3), GPU_CARRY_ROOT (where .whl/ and .gpu/ are; default the checkout), GPU_SITE
 # (/tmp/gpu_run_site), GPU_STASH (/tmp/gpu_run_stash), GPU_WORK (/tmp/gpu_run_work: run directories),
 # CHECK_TIMEOUT (225), LEARNING_TIMEOUT (290), LEARNING_BUDGET (LEARNING_TIMEOUT - 30: learning_gpu.py's own
