@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -75,6 +76,15 @@ def machine() -> dict:
     return info
 
 
+def device_kind() -> str:
+    """The machine's kind for result file names: h100 or h200 from the CUDA device's name, another GPU's name in
+    lower-case letters, digits and '_', or cpu without CUDA."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    return next((kind for kind in ("h200", "h100") if kind in name), re.sub(r"[^a-z0-9]+", "_", name).strip("_"))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -104,6 +114,35 @@ def time_interleaved(fns: dict, device: torch.device, iters: int, warmup: int = 
             cpus[name].append(cpu)
     return {name: {"median_s": statistics.median(walls[name]), "min_s": min(walls[name]), "all_s": walls[name],
                    "cpu_median_s": statistics.median(cpus[name])} for name in fns}
+
+
+def time_ms(fn, device: torch.device, iters: int, warmup: int = 2) -> dict:
+    """Median and min wall time of fn() in ms (CUDA events on GPU, perf_counter on CPU), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Largest absolute and relative (Frobenius) error of out against ref, in float64; whether out is finite."""
+    out, ref = out.detach().double(), ref.detach().double()
+    diff = out - ref
+    return {"max_abs": float(diff.abs().max()), "rel": float(diff.norm() / ref.norm()),
+            "finite": bool(torch.isfinite(out).all())}
 
 
 def _rss_kib(field: str) -> int:
@@ -177,3 +216,7 @@ def write_json(path: str | os.PathLike, payload: dict) -> pathlib.Path:
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print(f"wrote {path}", flush=True)
     return path
+
+
+if __name__ == "__main__":          # `python benchmarks/common.py`: the kind, for gpu_run.sh's file names
+    print(device_kind())

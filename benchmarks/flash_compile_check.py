@@ -3,7 +3,7 @@
     PYTHONPATH=SITE:SITE/nvidia_cutlass_dsl/dsl_packages:. python benchmarks/flash_compile_check.py
 
 SITE: a folder where flash-attn-4 and its CuTe-DSL wheels are installed for this Python
-(`pip install --target SITE --no-deps ...`, as benchmarks/gpu_check.sh does on the GPU machine).  Under
+(`pip install --target SITE --no-deps ...`, as benchmarks/gpu_run.sh does on the GPU machine).  Under
 torch's FakeTensorMode, tensors have shapes and devices but no data, so flash-attn-4 runs its whole
 Python path and compiles its sm90 kernels (CuTe DSL -> cubin) but launches nothing.  Checked: the call in
 calm_train.models.attention.FlashCoreAttention (keywords, the (out, lse) result, [B, S, H, D] views of

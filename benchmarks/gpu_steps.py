@@ -8,7 +8,10 @@ rounding; `compare_losses` checks it against LOSS_TOLERANCE.
     baseline      model.attention=sdpa, perf.compile=off, perf.fused_adamw=off, micro-batch 4 x 4 accumulation
     +fused AdamW  perf.fused_adamw=on
     +flash-attn-4 model.attention=flash
-    +micro-batch  the largest micro-batch of MICRO_SEARCH that fits, same global batch (fewer accumulation steps)
+    +micro-batch  the largest micro-batch of the check's candidates that fits, same global batch (fewer
+                  accumulation steps); candidates whose peak memory, extrapolated from the baseline's, would
+                  exceed MEMORY_FRACTION of the GPU are not tried (an out-of-memory error after a compilation
+                  costs a minute)
     +compile      perf.compile=on
     optimised     all of them, attention auto (flash-attn-4 when it imports, else SDPA: the row says which);
                   if it fails, FALLBACKS in turn, so that one run gives the table
@@ -34,8 +37,8 @@ from calm_train.parallel.engine import TrainEngine, build_world
 from calm_train.train.flops import train_flops_per_token
 from calm_train.train.tasks import task_for
 
-H200_BF16_DENSE_PEAK = 989e12
 GIB = 2 ** 30
+MEMORY_FRACTION = 0.85
 # bf16 tolerance of "optimised == baseline": the largest |loss - baseline loss| / baseline loss over the first
 # steps (warm-up included).  Step 1 sees identical weights (only kernel rounding differs); later steps add
 # the rounding of different gradient sums (micro-batch 16 vs 4 x 4 accumulation) through AdamW.
@@ -60,6 +63,17 @@ def variants(ladder: bool) -> dict[str, tuple[list[str], bool]]:
     if ladder:
         out.update({name: (BASELINE + extra, name == "+micro-batch") for name, extra in LEVERS.items()})
     return out
+
+
+def fitting_micro(candidates: tuple[int, ...], baseline: dict, total_gib: float | None) -> tuple[int, ...]:
+    """The candidates whose peak, extrapolated linearly in the micro-batch from the baseline's (memory after the
+    engine's build + activations x micro / baseline micro), is within MEMORY_FRACTION of the GPU; the smallest
+    always.  Without a baseline's memory (CPU, or a failed baseline) all of them."""
+    peak, static, micro = (baseline.get(k) for k in ("peak_memory_gib", "allocated_after_build_gib", "micro_batch"))
+    if None in (peak, static, micro, total_gib):
+        return tuple(candidates)
+    fits = [m for m in candidates if static + (peak - static) * m / micro <= MEMORY_FRACTION * total_gib]
+    return tuple(fits) or (min(candidates),)
 
 
 def reset_memory(device: torch.device) -> float | None:
@@ -103,11 +117,10 @@ def batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
             torch.arange(cfg.train.global_batch))
 
 
-def run_variant(name: str, variant: str, overrides: list[str], search: bool, device: torch.device, size: dict,
-                peaks: dict, profile=None) -> dict:
-    """Build and time one variant; with `search`, the largest micro-batch of size['micro_search'] that fits
-    (an out-of-memory error moves to the next).  `profile(engine, batch, first_step)` runs after the timing."""
-    candidates = size["micro_search"] if search else (size["micro"],)
+def run_variant(name: str, variant: str, overrides: list[str], candidates: tuple[int, ...], device: torch.device,
+                size: dict, peaks: dict, profile=None) -> dict:
+    """Build and time one variant at the first micro-batch of `candidates` that fits (an out-of-memory error moves
+    to the next).  `profile(engine, batch, first_step)` runs after the timing."""
     errors = []
     for micro in candidates:
         torch._dynamo.reset()     # compile each variant afresh, for its own static shapes (as a new process would)
@@ -165,7 +178,8 @@ def time_steps(engine: TrainEngine, cfg, device: torch.device, size: dict, peaks
            "accumulation": t.global_batch // t.micro_batch, "first_steps_s": first_steps_s,
            "step_s": step_s, "timed_steps": size["steps"], "tokens_per_s": tokens_per_s,
            "flops_per_token": flops_per_token, "achieved_tflops": achieved / 1e12,
-           "mfu_vs_spec_989": achieved / H200_BF16_DENSE_PEAK if device.type == "cuda" else None,
+           "mfu_vs_spec": achieved / peaks["peak_spec"] if peaks.get("peak_spec") else None,
+           "peak_spec_tflops": peaks["peak_spec"] / 1e12 if peaks.get("peak_spec") else None,
            "allocated_before_build_gib": before_build, "allocated_after_build_gib": after_build,
            "peak_memory_gib": peak, "losses": losses, "losses_finite": all(math.isfinite(x) for x in losses),
            "skipped": [r.skipped for r in results], "params": sum(p.numel() for p in engine.model.parameters())}

@@ -126,10 +126,12 @@ def prepared(work: pathlib.Path, corpus: str, vocab: int) -> pathlib.Path:
 # training
 
 
-def train(config: str, run_dir: pathlib.Path, overrides: list[str], log: list) -> dict:
-    """run_training(load_config(config, overrides)) unless run_dir holds a finished run; returns its record."""
+def train(config: str, run_dir: pathlib.Path, overrides: list[str], log: list, time_capped: bool = False) -> dict:
+    """run_training(load_config(config, overrides)) unless run_dir holds a finished run; returns its record.
+    time_capped: a run that train.max_wallclock stopped (exit 75, checkpoint saved) counts as finished, and its
+    record says `stopped_by_wallclock`."""
     from calm_train.config import load_config
-    from calm_train.train.loop import run_training
+    from calm_train.train.loop import EXIT_REQUEUE, run_training
     record_path = run_dir / "study_run.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
@@ -138,12 +140,13 @@ def train(config: str, run_dir: pathlib.Path, overrides: list[str], log: list) -
     print(f"[learning] {command}", file=sys.stderr, flush=True)
     load_before, wall, cpu = os.getloadavg(), time.perf_counter(), time.process_time()
     code = run_training(load_config(config, args))
-    if code != 0:
+    if code != 0 and not (time_capped and code == EXIT_REQUEUE):
         raise SystemExit(f"learning.py: {command} exited {code}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     record = {"command": command, "wall_s": round(time.perf_counter() - wall, 1),
               "cpu_s": round(time.process_time() - cpu, 1), "load_before": load_before, "load_after": os.getloadavg(),
-              "flops": rows[-1]["flops"], "tokens": rows[-1]["tokens"], "final_loss": rows[-1]["loss"]}
+              "flops": rows[-1]["flops"], "tokens": rows[-1]["tokens"], "final_loss": rows[-1]["loss"],
+              "steps": rows[-1]["step"], "stopped_by_wallclock": code != 0}
     record_path.write_text(json.dumps(record, indent=1))
     log.append(record)
     return record
@@ -171,18 +174,24 @@ def key_of(*parts) -> str:
 # evaluation
 
 
-def evaluate(run_dir: pathlib.Path, samples: int | None, eval_tokens: int) -> list[dict]:
-    """evaluate_checkpoint of every kept checkpoint of run_dir (cached in run_dir/study_eval.json)."""
+def evaluate(run_dir: pathlib.Path, samples: int | None, eval_tokens: int, data: pathlib.Path | None = None,
+             train_data: pathlib.Path | None = None, last_only: bool = False) -> list[dict]:
+    """evaluate_checkpoint of every kept checkpoint of run_dir (the last only with last_only), on data (default: the
+    run's validation split), CALM's chunk reference from train_data (default: the run's data.train); cached in
+    run_dir/study_eval_*.json."""
     from calm_train.train.inference import evaluate_checkpoint
-    cache = run_dir / f"study_eval_s{samples}_t{eval_tokens}.json"
+    on = "" if data is None else f"_{data.name}"
+    cache = run_dir / f"study_eval_s{samples}_t{eval_tokens}{on}{'_last' if last_only else ''}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     rows = []
     flops_at = {r["step"]: r["flops"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-    for ckpt in sorted((run_dir / "checkpoints").glob("step_*")):
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    for ckpt in checkpoints[-1:] if last_only else checkpoints:
         step = int(ckpt.name.split("_")[1])
         wall = time.perf_counter()
-        row = evaluate_checkpoint(str(ckpt), max_tokens=eval_tokens, samples=samples)
+        row = evaluate_checkpoint(str(ckpt), data=None if data is None else str(data), max_tokens=eval_tokens,
+                                  samples=samples, train_data=None if train_data is None else str(train_data))
         row.update(step=step, flops=flops_at[step], eval_wall_s=round(time.perf_counter() - wall, 1))
         rows.append(row)
     cache.write_text(json.dumps(rows, indent=1))
