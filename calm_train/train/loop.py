@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import time
 
@@ -366,8 +367,11 @@ class Run:
                 if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.steps:
                     self.evaluate(progress.step)
                 out_of_time = bool(t.max_wallclock) and time.monotonic() - launched >= t.max_wallclock
-                asked = any_rank(stop.requested or out_of_time)
-                reason = stop.signal_name or "train.max_wallclock"
+                # every rank stops on any rank's request, and names the same reason: the signal one got
+                # (the highest number where several did), else the wall clock
+                code = max_rank(stop.signum or int(out_of_time))
+                asked = code > 0
+                reason = signal.Signals(code).name if code > 1 else "train.max_wallclock"
                 if asked:
                     self.log.event(f"{reason}: saving a checkpoint at step {progress.step}, then exit {EXIT_REQUEUE} "
                                    "(a second SIGINT aborts without it)")
@@ -404,9 +408,13 @@ def broadcast_object(value):
 
 
 def any_rank(flag: bool) -> bool:
-    tensor = torch.tensor([1.0 if flag else 0.0])
+    return max_rank(int(flag)) > 0
+
+
+def max_rank(value: int) -> int:
+    tensor = torch.tensor([float(value)])
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
+    return int(tensor.item())
 
 
 def run_training(cfg: Config) -> int:

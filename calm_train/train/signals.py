@@ -41,6 +41,11 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal_name is not None
 
+    @property
+    def signum(self) -> int:
+        """The signal's number, 0 when none came (what the ranks agree on: train/loop.py)."""
+        return int(signal.Signals[self.signal_name]) if self.signal_name else 0
+
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

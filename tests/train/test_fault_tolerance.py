@@ -142,7 +142,8 @@ def test_kill9_of_torchrun_alone_stops_both_ranks_with_a_checkpoint_then_resumes
     out = job.output()
     assert codes == [REQUEUE, REQUEUE], (codes, out[-3000:])
     assert seconds < 30, seconds
-    assert f"the launcher (torchrun, pid {job.proc.pid}) is gone: stopping as on SIGTERM" in out, out[-3000:]
+    # the kernel's parent-death signal usually comes first; the watch thread's line shows where it was missed
+    assert "SIGTERM: checkpoint saved at step" in out, out[-3000:]
     saved = re.findall(r"SIGTERM: checkpoint saved at step (\d+); exit 75", out)
     assert saved and 4 <= int(saved[0]) == newest_step(run) < STEPS, (saved, out[-3000:])
     assert not (run / ".lock").exists()

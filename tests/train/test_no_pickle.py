@@ -64,7 +64,8 @@ print(json.dumps(results))
 """
 
 # what each command must read (and so refuse when it holds a payload); the other files it may not read at all
-READ_BY = {"train": {"state.json", "model.safetensors", "optimizer.safetensors", "rng/rank_00000.safetensors"},
+# (`train` of the finished run reads its state.json, says the run is finished and loads nothing more)
+READ_BY = {"train": {"state.json"},
            "eval": {"config.yaml", "model.safetensors", "tokenizer/dataset.json", "tokenizer/tokenizer.json",
                     "autoencoder.safetensors", "autoencoder.yaml"}}
 READ_BY["generate"] = READ_BY["eval"]
